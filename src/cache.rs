@@ -1,0 +1,416 @@
+//! The on-disk cache directory: verified package files, partial downloads, the saved index.
+//!
+//! Layout under `--cache-dir`:
+//! * `objects/<key>`: complete files, each checked against the index before it was renamed in;
+//!   `<key>` is `Package::cache_key()`, derived only from what the index says the file is;
+//! * `partial/<key>.<n>.part`: downloads in progress. They are never read back after a restart:
+//!   `Store::open` deletes them all, so a crash can leave nothing that passes for complete;
+//! * `index/<url-hash>/{Packages,validators}`: the last good index per binhost, replaced
+//!   atomically, so a mount can start while the binhost is down;
+//! * `lock`: held with `flock` for the daemon's life; a second daemon on the same directory
+//!   refuses to start instead of corrupting the first one's accounting.
+//!
+//! Size is bounded by LRU eviction of entries nobody has open (pinned entries are skipped).
+//! The LRU order survives restarts through the files' mtimes, which are bumped on every hit.
+//! Start-up reads directory entries and metadata only, never cached bytes.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use lru::LruCache;
+use sha1::{Digest as _, Sha1};
+use tracing::{debug, info, warn};
+
+use crate::index::CacheKey;
+use crate::remote::Validators;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cache directory {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cache directory {0} is in use by another binpkgfs (lock file held)")]
+    Locked(PathBuf),
+}
+
+pub struct Store {
+    dir: PathBuf,
+    objects: PathBuf,
+    partial: PathBuf,
+    limit: u64,
+    partial_seq: AtomicU64,
+    inner: Mutex<Inner>,
+    /// Holds the `flock`; released when the daemon exits, however it exits.
+    _lock: File,
+}
+
+struct Inner {
+    lru: LruCache<CacheKey, u64>,
+    total: u64,
+    pins: HashMap<CacheKey, u32>,
+}
+
+/// Cache usage for `status`.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub bytes: u64,
+    pub entries: usize,
+    pub limit: u64,
+}
+
+impl Store {
+    pub fn open(dir: &Path, limit: u64) -> Result<Store, StoreError> {
+        let err = |source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let objects = dir.join("objects");
+        let partial = dir.join("partial");
+        for d in [dir, &objects, &partial, &dir.join("index")] {
+            fs::create_dir_all(d).map_err(err)?;
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(err)?;
+        // SAFETY: flock on a valid fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                StoreError::Locked(dir.to_path_buf())
+            } else {
+                err(e)
+            });
+        }
+        let mut removed = 0;
+        for entry in fs::read_dir(&partial).map_err(err)? {
+            let entry = entry.map_err(err)?;
+            if fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!(
+                removed,
+                "discarded partial downloads left by an earlier run"
+            );
+        }
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&objects).map_err(err)? {
+            let entry = entry.map_err(err)?;
+            let name = entry.file_name();
+            let Some(key) = name.to_str().and_then(CacheKey::from_file_name) else {
+                debug!(name = ?name, "ignoring foreign file in cache");
+                continue;
+            };
+            let meta = entry.metadata().map_err(err)?;
+            found.push((meta.mtime(), meta.mtime_nsec(), key, meta.len()));
+        }
+        found.sort_unstable();
+        let mut inner = Inner {
+            lru: LruCache::unbounded(),
+            total: 0,
+            pins: HashMap::new(),
+        };
+        for (_, _, key, size) in found {
+            inner.total += size;
+            inner.lru.put(key, size);
+        }
+        let store = Store {
+            dir: dir.to_path_buf(),
+            objects,
+            partial,
+            limit,
+            partial_seq: AtomicU64::new(0),
+            inner: Mutex::new(inner),
+            _lock: lock,
+        };
+        store.evict();
+        let usage = store.usage();
+        info!(
+            dir = %dir.display(),
+            entries = usage.entries,
+            bytes = usage.bytes,
+            limit,
+            "cache opened"
+        );
+        Ok(store)
+    }
+
+    fn object_path(&self, key: &CacheKey) -> PathBuf {
+        self.objects.join(&key.0)
+    }
+
+    /// Opens a complete entry, if there is one, and marks it most recently used.
+    pub fn open_object(&self, key: &CacheKey) -> io::Result<Option<File>> {
+        let file = match File::open(self.object_path(key)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Removed behind our back: forget it.
+                let mut inner = self.inner.lock().unwrap();
+                if let Some(size) = inner.lru.pop(key) {
+                    inner.total -= size;
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.lru.get(key).is_none() {
+                let size = file.metadata()?.len();
+                inner.total += size;
+                inner.lru.put(key.clone(), size);
+            }
+        }
+        // Persist the LRU order for the next start; failure only costs ordering.
+        let _ = file.set_modified(SystemTime::now());
+        Ok(Some(file))
+    }
+
+    /// A fresh partial file for a download, opened for reading and writing.
+    pub fn new_partial(&self, key: &CacheKey) -> io::Result<(PathBuf, File)> {
+        let n = self.partial_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.partial.join(format!("{key}.{n}.part"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((path, file))
+    }
+
+    /// Moves a verified partial into place. The data is flushed first, so the rename never
+    /// publishes a file whose bytes are not on disk.
+    pub fn commit(&self, key: &CacheKey, partial: &Path, file: &File) -> io::Result<()> {
+        file.sync_data()?;
+        let size = file.metadata()?.len();
+        fs::rename(partial, self.object_path(key))?;
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(old) = inner.lru.put(key.clone(), size) {
+                inner.total -= old;
+            }
+            inner.total += size;
+        }
+        self.evict();
+        Ok(())
+    }
+
+    pub fn pin(&self, key: &CacheKey) {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .pins
+            .entry(key.clone())
+            .or_default() += 1;
+    }
+
+    pub fn unpin(&self, key: &CacheKey) {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(n) = inner.pins.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.pins.remove(key);
+                }
+            }
+        }
+        self.evict();
+    }
+
+    /// Removes least recently used, unpinned entries until the total fits the limit.
+    pub fn evict(&self) {
+        let victims = {
+            let mut inner = self.inner.lock().unwrap();
+            let mut victims = Vec::new();
+            while inner.total > self.limit {
+                let Some(key) = inner
+                    .lru
+                    .iter()
+                    .rev()
+                    .map(|(k, _)| k)
+                    .find(|k| !inner.pins.contains_key(*k))
+                    .cloned()
+                else {
+                    break;
+                };
+                let size = inner.lru.pop(&key).unwrap_or(0);
+                inner.total -= size;
+                victims.push(key);
+            }
+            victims
+        };
+        for key in victims {
+            debug!(%key, "evicting");
+            if let Err(e) = fs::remove_file(self.object_path(&key))
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                warn!(%key, error = %e, "could not remove evicted cache entry");
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        let inner = self.inner.lock().unwrap();
+        Usage {
+            bytes: inner.total,
+            entries: inner.lru.len(),
+            limit: self.limit,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.inner.lock().unwrap().lru.contains(key)
+    }
+
+    fn index_dir(&self, url: &str) -> PathBuf {
+        let h = hex::encode(Sha1::digest(url.as_bytes()));
+        self.dir.join("index").join(&h[..16])
+    }
+
+    /// The last good index saved for `url`, with its validators.
+    pub fn load_index(&self, url: &str) -> io::Result<Option<(Vec<u8>, Validators)>> {
+        let dir = self.index_dir(url);
+        let raw = match fs::read(dir.join("Packages")) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = fs::read_to_string(dir.join("validators")).unwrap_or_default();
+        let mut v = Validators::default();
+        for line in meta.lines() {
+            match line.split_once(": ") {
+                Some(("etag", x)) => v.etag = Some(x.to_string()),
+                Some(("last-modified", x)) => v.last_modified = Some(x.to_string()),
+                _ => {}
+            }
+        }
+        Ok(Some((raw, v)))
+    }
+
+    /// Saves an index atomically: a crash leaves the old one or the new one, never a mix.
+    /// Validators are written first; stale validators beside a newer index only cost one
+    /// unconditional fetch, while the reverse could make us skip a real update.
+    pub fn save_index(&self, url: &str, raw: &[u8], v: &Validators) -> io::Result<()> {
+        let dir = self.index_dir(url);
+        fs::create_dir_all(&dir)?;
+        let _ = fs::remove_file(dir.join("validators"));
+        write_atomic(&dir.join("Packages"), raw)?;
+        let mut meta = format!("url: {url}\n");
+        if let Some(e) = &v.etag {
+            meta += &format!("etag: {e}\n");
+        }
+        if let Some(lm) = &v.last_modified {
+            meta += &format!("last-modified: {lm}\n");
+        }
+        write_atomic(&dir.join("validators"), meta.as_bytes())
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey(format!("{:040x}", n))
+    }
+
+    fn put(store: &Store, k: &CacheKey, len: usize) {
+        let (path, mut file) = store.new_partial(k).unwrap();
+        file.write_all(&vec![7u8; len]).unwrap();
+        store.commit(k, &path, &file).unwrap();
+    }
+
+    #[test]
+    fn evicts_least_recently_used_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 250).unwrap();
+        put(&store, &key(1), 100);
+        put(&store, &key(2), 100);
+        assert!(store.open_object(&key(1)).unwrap().is_some()); // 1 is now most recent
+        put(&store, &key(3), 100); // over the limit: 2 goes
+        assert!(store.contains(&key(1)) && store.contains(&key(3)));
+        assert!(!store.contains(&key(2)));
+        assert!(!dir.path().join("objects").join(&key(2).0).exists());
+        assert_eq!(store.usage().bytes, 200);
+
+        store.pin(&key(1));
+        store.pin(&key(3));
+        put(&store, &key(4), 100); // everything else pinned: 4 itself is the only victim
+        assert!(!store.contains(&key(4)));
+        assert!(store.contains(&key(1)) && store.contains(&key(3)));
+        put(&store, &key(5), 100);
+        store.pin(&key(5)); // too late: 5 was already evicted on commit
+        store.unpin(&key(5));
+        store.unpin(&key(1)); // 1 becomes evictable, but 200 <= 250 now
+        assert_eq!(store.usage().entries, 2);
+    }
+
+    #[test]
+    fn survives_restart_and_drops_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            put(&store, &key(1), 10);
+            let (_partial, mut f) = store.new_partial(&key(2)).unwrap();
+            f.write_all(b"half").unwrap();
+        }
+        fs::write(dir.path().join("objects").join("not-a-key"), b"x").unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert!(store.contains(&key(1)));
+        assert!(!store.contains(&key(2)));
+        assert_eq!(store.usage().entries, 1);
+        assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn second_store_on_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), 1).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), 1),
+            Err(StoreError::Locked(_))
+        ));
+    }
+
+    #[test]
+    fn index_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1).unwrap();
+        assert!(store.load_index("http://a/").unwrap().is_none());
+        let v = Validators {
+            etag: Some("\"abc\"".into()),
+            last_modified: None,
+        };
+        store
+            .save_index("http://a/", b"TIMESTAMP: 1\n", &v)
+            .unwrap();
+        let (raw, got) = store.load_index("http://a/").unwrap().unwrap();
+        assert_eq!(raw, b"TIMESTAMP: 1\n");
+        assert_eq!(got, v);
+        assert!(store.load_index("http://b/").unwrap().is_none());
+    }
+}

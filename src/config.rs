@@ -1,0 +1,318 @@
+//! Command line: parsed once, here, into a validated `MountConfig`.
+//!
+//! Nothing past this module sees raw flags. Settings come either as long options or in mount form
+//! (`-o cache_dir=...,cache_size=...`, as `mount(8)` and fstab pass them); the usual mount words
+//! (`ro`, `_netdev`, `noauto`, ...) are accepted and ignored where they do not concern us, and
+//! `rw` is refused: this filesystem is read-only by design.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/binpkgfs";
+pub const DEFAULT_MOUNTPOINT: &str = "/var/cache/binpkgs";
+/// 10 GiB: room for a typical world update without filling a small root filesystem.
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "binpkgfs",
+    version,
+    about = "A Gentoo binhost as a lazy, verified, read-only PKGDIR"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount a binhost (http://, https://, file:///) as a read-only PKGDIR.
+    Mount(MountArgs),
+    /// Show what a mounted binpkgfs is doing.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[arg(default_value = DEFAULT_MOUNTPOINT)]
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Binhost URL: the directory holding `Packages`.
+    pub url: String,
+    pub mountpoint: PathBuf,
+    /// Stay attached instead of detaching once the mount answers.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Where verified packages and the last good index are kept [default: /var/cache/binpkgfs].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache bound, e.g. 500M, 20G [default: 10G].
+    #[arg(long)]
+    pub cache_size: Option<String>,
+    /// Seconds between index checks [default: 300].
+    #[arg(long)]
+    pub index_ttl: Option<String>,
+    /// error, warn, info, debug, trace, or a tracing filter [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log file [default: stderr with -f, else <cache-dir>/binpkgfs.log].
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Write the daemon's pid here once the mount answers.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Seconds a transfer may deliver nothing before it is cut [default: 30].
+    #[arg(long)]
+    pub stall_timeout: Option<String>,
+    /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
+    /// stall_timeout=, allow_other, and the usual mount words.
+    #[arg(short = 'o', value_delimiter = ',')]
+    pub options: Vec<String>,
+    /// Internal: report readiness on stdout (used by the detaching parent).
+    #[arg(long, hide = true)]
+    pub notify_ready: bool,
+}
+
+/// Everything a mount needs, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountConfig {
+    pub url: String,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub notify_ready: bool,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub index_ttl: Duration,
+    pub log_level: String,
+    pub log_file: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub stall_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Let other users (the `portage` user) read the mount.
+    pub allow_other: bool,
+}
+
+/// Mount words that are someone else's business (mount(8), netmount, systemd) or already true.
+const IGNORED_OPTIONS: &[&str] = &[
+    "ro",
+    "defaults",
+    "auto",
+    "noauto",
+    "_netdev",
+    "nofail",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "nosuid",
+    "nodev",
+    "noexec",
+    "exec",
+    "suid",
+    "dev",
+    "atime",
+    "noatime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+    "async",
+    "sync",
+    "loud",
+    "silent",
+    "default_permissions",
+];
+
+impl MountConfig {
+    pub fn from_args(a: MountArgs) -> Result<MountConfig, String> {
+        let mut cache_dir = None;
+        let mut cache_size = None;
+        let mut index_ttl = None;
+        let mut log_level = None;
+        let mut log_file = None;
+        let mut pid_file = None;
+        let mut stall = None;
+        let mut allow_other = None;
+        for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+            match opt.split_once('=') {
+                Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
+                Some(("cache_size", v)) => cache_size = Some(v.to_string()),
+                Some(("index_ttl", v)) => index_ttl = Some(v.to_string()),
+                Some(("log_level", v)) => log_level = Some(v.to_string()),
+                Some(("log_file", v)) => log_file = Some(PathBuf::from(v)),
+                Some(("pid_file", v)) => pid_file = Some(PathBuf::from(v)),
+                Some(("stall_timeout", v)) => stall = Some(v.to_string()),
+                // fstab comments and systemd's x-* words.
+                Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
+                None if opt.starts_with("x-") => {}
+                None if opt == "allow_other" || opt == "allow_root" => allow_other = Some(true),
+                None if opt == "rw" => {
+                    return Err("option `rw`: binpkgfs is read-only; use `ro`".into());
+                }
+                None if IGNORED_OPTIONS.contains(&opt) => {}
+                _ => return Err(format!("unknown mount option `{opt}`")),
+            }
+        }
+        let cache_size = a.cache_size.or(cache_size);
+        let cache_size = match cache_size {
+            Some(s) => parse_size(&s).map_err(|e| format!("cache size {s:?}: {e}"))?,
+            None => DEFAULT_CACHE_SIZE,
+        };
+        let secs = |what: &str, v: Option<String>, default: u64| -> Result<Duration, String> {
+            match v {
+                None => Ok(Duration::from_secs(default)),
+                Some(s) => match s.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+                    _ => Err(format!(
+                        "{what} {s:?}: expected a positive number of seconds"
+                    )),
+                },
+            }
+        };
+        let index_ttl = secs("index TTL", a.index_ttl.or(index_ttl), 300)?;
+        let stall_timeout = secs("stall timeout", a.stall_timeout.or(stall), 30)?;
+        let log_level = a.log_level.or(log_level).unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| format!("log level {log_level:?}: {e}"))?;
+        let cache_dir = a
+            .cache_dir
+            .or(cache_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+        let is_root = unsafe { libc::geteuid() } == 0;
+        Ok(MountConfig {
+            url: a.url,
+            mountpoint: absolute(&a.mountpoint)?,
+            foreground: a.foreground,
+            notify_ready: a.notify_ready,
+            cache_dir: absolute(&cache_dir)?,
+            cache_size,
+            index_ttl,
+            log_level,
+            log_file: a.log_file.or(log_file).map(|p| absolute(&p)).transpose()?,
+            pid_file: a.pid_file.or(pid_file).map(|p| absolute(&p)).transpose()?,
+            stall_timeout,
+            connect_timeout: Duration::from_secs(10).min(stall_timeout),
+            allow_other: allow_other.unwrap_or(is_root),
+        })
+    }
+}
+
+/// The daemon detaches and changes directory, so every path is made absolute first.
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// `500M`, `20G`, `1.5T`, `4096` (bytes); binary units, optional `B`/`iB` suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown unit `{c}` (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| "expected a number with an optional K/M/G/T unit".to_string())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err("must be a non-negative number".into());
+    }
+    let bytes = n * (1u64 << shift) as f64;
+    if bytes > u64::MAX as f64 {
+        return Err("too large".into());
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<MountConfig, String> {
+        let mut argv = vec!["binpkgfs", "mount"];
+        argv.extend_from_slice(args);
+        let Command::Mount(m) = Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        else {
+            panic!("not mount")
+        };
+        MountConfig::from_args(m)
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "G", "12Q", "-1G", "lots"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mount_form_options_and_flags() {
+        let c = cfg(&[
+            "-o",
+            "ro,_netdev,noauto,cache_dir=/tmp/c,cache_size=1G,index_ttl=60,allow_other",
+            "http://h/x",
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(c.cache_dir, PathBuf::from("/tmp/c"));
+        assert_eq!(c.cache_size, 1 << 30);
+        assert_eq!(c.index_ttl, Duration::from_secs(60));
+        assert!(c.allow_other);
+        // Long options win over -o.
+        let c = cfg(&[
+            "--cache-size",
+            "2G",
+            "-o",
+            "cache_size=1G",
+            "http://h/x",
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(c.cache_size, 2 << 30);
+        let c = cfg(&["http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
+        assert_eq!(c.cache_size, DEFAULT_CACHE_SIZE);
+    }
+
+    #[test]
+    fn bad_options_are_clear_errors() {
+        let e = cfg(&["-o", "rw", "http://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("read-only"), "{e}");
+        let e = cfg(&["-o", "frobnicate", "http://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("unknown mount option `frobnicate`"), "{e}");
+        let e = cfg(&["--index-ttl", "0", "http://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("index TTL"), "{e}");
+        assert!(cfg(&["--cache-size", "big", "http://h/x", "/mnt"]).is_err());
+        assert!(cfg(&["--log-level", "no[such", "http://h/x", "/mnt"]).is_err());
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let c = cfg(&["--cache-dir", "rel", "http://h/x", "mnt"]).unwrap();
+        assert!(c.cache_dir.is_absolute() && c.mountpoint.is_absolute());
+    }
+}

@@ -1,0 +1,437 @@
+//! The FUSE adapter: translates kernel requests into namespace lookups and fetcher reads.
+//!
+//! It is thin on purpose. Each handler opens a span, asks the current `Namespace` snapshot or a
+//! `Blob`, and turns the `Result` into a reply. Reads that may wait for the network run as tokio
+//! tasks and reply when their bytes are there, so one slow package never blocks the FUSE loop.
+//!
+//! Everything is read-only: the mount is `ro`, and every write-like request that still reaches
+//! us answers `EROFS`, so Portage's `os.access(PKGDIR, W_OK)` says no and it never tries to write.
+//! An open handle keeps the snapshot entry (and `Blob`) it was opened with until release, so an
+//! index refresh never changes the bytes under a reader.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use tracing::{Instrument, debug_span, event};
+
+use crate::error::FsError;
+use crate::fetch::{Blob, Fetcher};
+use crate::namespace::{Attr, Namespace, NodeKind};
+
+/// How long the kernel may cache names and attributes. Short, so a refreshed index shows
+/// within a second; inode numbers carry content identity, so a stale entry is never wrong bytes.
+const TTL: Duration = Duration::from_secs(1);
+/// The extended attribute on the mount's root that `binpkgfs status` reads.
+pub const STATUS_XATTR: &str = "user.binpkgfs.status";
+
+/// The current snapshot; replaced whole by an index refresh.
+pub type SharedNamespace = Arc<RwLock<Arc<Namespace>>>;
+
+enum Open {
+    Package { blob: Arc<Blob>, attr: Attr },
+    Index(Bytes),
+}
+
+pub struct BinpkgFs {
+    ns: SharedNamespace,
+    fetcher: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
+    handles: Mutex<HashMap<u64, Arc<Open>>>,
+    next_fh: AtomicU64,
+    status: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+impl BinpkgFs {
+    pub fn new(
+        ns: SharedNamespace,
+        fetcher: Arc<Fetcher>,
+        rt: tokio::runtime::Handle,
+        status: Box<dyn Fn() -> String + Send + Sync>,
+    ) -> Self {
+        BinpkgFs {
+            ns,
+            fetcher,
+            rt,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            status,
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Namespace> {
+        self.ns.read().unwrap().clone()
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, FsError> {
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, FopenFlags), FsError> {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return Err(FsError::ReadOnly);
+        }
+        let ns = self.snapshot();
+        let node = ns.node(ino).ok_or(FsError::NotFound)?;
+        let open = match &node.kind {
+            NodeKind::Dir(_) => return Err(FsError::IsDir),
+            NodeKind::IndexFile => Open::Index(ns.index.raw.clone()),
+            NodeKind::Package(_) => {
+                let pkg = ns.package(node).expect("package node has a package");
+                // Blob::open may start a transfer; it must run on our runtime.
+                let _rt = self.rt.enter();
+                Open::Package {
+                    blob: self.fetcher.open(pkg)?,
+                    attr: ns.attr(node),
+                }
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Arc::new(open));
+        // Contents of an inode never change (inodes carry content identity), so the kernel may
+        // keep its page cache across opens.
+        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE))
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let mtime = if a.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(a.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(a.mtime.unsigned_abs())
+    };
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind: if a.is_dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: if a.is_dir { 0o555 } else { 0o444 },
+        nlink: if a.is_dir { 2 } else { 1 },
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+/// Logs a failed request at the error's own level and returns its errno.
+fn fail(err: FsError) -> Errno {
+    match err.level() {
+        tracing::Level::WARN => event!(tracing::Level::WARN, error = %err, "request failed"),
+        _ => event!(tracing::Level::DEBUG, error = %err, "request failed"),
+    }
+    err.errno()
+}
+
+impl Filesystem for BinpkgFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large reads cut per-request overhead for Portage's whole-file digest pass.
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name).entered();
+        let ns = self.snapshot();
+        let found = name
+            .to_str()
+            .and_then(|n| ns.lookup(parent.0, n))
+            .map(|node| ns.attr(node));
+        match found {
+            Some(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            None => reply.error(fail(FsError::NotFound)),
+        }
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0).entered();
+        // An open handle answers for the version it was opened with, even after a refresh.
+        if let Some(fh) = fh
+            && let Ok(open) = self.handle(fh)
+            && let Open::Package { attr, .. } = &*open
+        {
+            return reply.attr(&TTL, &file_attr(attr));
+        }
+        let ns = self.snapshot();
+        match ns.node(ino.0) {
+            Some(node) => reply.attr(&TTL, &file_attr(&ns.attr(node))),
+            None => reply.error(fail(FsError::NotFound)),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
+        match self.open_file(ino.0, flags) {
+            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
+            Err(e) => reply.error(fail(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let span = debug_span!(
+            "read",
+            req = req.unique().0,
+            ino = ino.0,
+            fh = fh.0,
+            offset,
+            size
+        );
+        let open = match self.handle(fh) {
+            Ok(open) => open,
+            Err(e) => return reply.error(fail(e)),
+        };
+        match &*open {
+            Open::Index(raw) => {
+                let start = (offset as usize).min(raw.len());
+                let end = start.saturating_add(size as usize).min(raw.len());
+                reply.data(&raw[start..end]);
+            }
+            Open::Package { .. } => {
+                self.rt.spawn(
+                    async move {
+                        let Open::Package { blob, .. } = &*open else {
+                            unreachable!()
+                        };
+                        match blob.read(offset, size).await {
+                            Ok(data) => reply.data(&data),
+                            Err(e) => reply.error(fail(e)),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ns = self.snapshot();
+        match ns.node(ino.0).map(|n| &n.kind) {
+            Some(NodeKind::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Some(_) => reply.error(fail(FsError::NotDir)),
+            None => reply.error(fail(FsError::NotFound)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
+        let ns = self.snapshot();
+        let Some((parent, children)) = ns.dir(ino.0) else {
+            return reply.error(fail(FsError::NotFound));
+        };
+        // Offsets are "index of the next entry": 1 after ".", 2 after "..", 3.. after children.
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (parent, FileType::Directory, ".."),
+        ];
+        let entries = dots.into_iter().chain(children.map(|n| {
+            let kind = match n.kind {
+                NodeKind::Dir(_) => FileType::Directory,
+                _ => FileType::RegularFile,
+            };
+            (n.ino, kind, &*n.name)
+        }));
+        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let ns = self.snapshot();
+        let bytes: u64 = ns.index.packages.iter().map(|p| p.size).sum();
+        let bsize = 4096u32;
+        reply.statfs(
+            bytes.div_ceil(u64::from(bsize)),
+            0,
+            0,
+            ns.len() as u64,
+            0,
+            bsize,
+            255,
+            bsize,
+        );
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(fail(FsError::ReadOnly));
+        }
+        match self.snapshot().node(ino.0) {
+            Some(_) => reply.ok(),
+            None => reply.error(fail(FsError::NotFound)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 != crate::namespace::ROOT_INO || name != STATUS_XATTR {
+            return reply.error(fail(FsError::NoAttr));
+        }
+        let value = (self.status)();
+        if size == 0 {
+            reply.size(value.len() as u32);
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(value.as_bytes());
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    // Write-like requests: the `ro` mount stops them in the VFS; these answer for the rest.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(fail(FsError::ReadOnly));
+    }
+}

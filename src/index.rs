@@ -1,0 +1,580 @@
+//! The binhost's `Packages` index, parsed into an immutable snapshot.
+//!
+//! The format is Portage's (`portage/dbapi/bintree.py`): a header block, a blank line, then one
+//! block per package; each line is `KEY: value`, split on the first `:` with exactly one character
+//! dropped after it. This module owns two invariants the rest of the filesystem relies on:
+//!
+//! * every `Package` it hands out has a `PATH` that is safe to place under the mount point
+//!   (relative, no `.`/`..`/empty components, no NUL or control characters, sane lengths) and a
+//!   `SIZE`; anything else is refused with a warning naming the entry, never a panic;
+//! * the raw bytes are kept unchanged, so the `Packages` file the mount serves is byte-identical
+//!   to the binhost's.
+//!
+//! Collisions between entries (two entries at one PATH, a file where another entry needs a
+//! directory) are the namespace's business, not this parser's.
+
+use std::fmt;
+
+use bytes::Bytes;
+use md5::Md5;
+use sha1::{Digest as _, Sha1};
+use sha2::Sha512;
+
+/// Largest index we accept. A real 50,000-package binhost is about 26 MB.
+pub const MAX_INDEX_BYTES: usize = 512 << 20;
+/// Longest accepted line; real lines (USE, RDEPEND) stay well under 64 KiB.
+const MAX_LINE_BYTES: usize = 1 << 20;
+const MAX_PATH_BYTES: usize = 1024;
+const MAX_COMPONENT_BYTES: usize = 255;
+
+/// Why a whole index was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IndexError {
+    #[error("index is empty")]
+    Empty,
+    #[error("index is {0} bytes, more than the {MAX_INDEX_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("index is not text (NUL byte at offset {0})")]
+    Binary(usize),
+    #[error("index line {0} is longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong(usize),
+    #[error("index line {line} has no `KEY: value` form: {text:?}")]
+    BadLine { line: usize, text: String },
+    #[error("index header has VERSION {0}; Portage ignores such an index and so do we")]
+    UnsupportedVersion(i64),
+    #[error("index header TIMESTAMP is not an integer: {0:?}")]
+    BadTimestamp(String),
+}
+
+/// One refused package entry, reported by the caller as a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The entry's PATH (or CPV) as written, for the log line.
+    pub what: String,
+    pub reason: String,
+}
+
+/// What the index says a package file must be. Every digest present is checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Digests {
+    pub md5: Option<[u8; 16]>,
+    pub sha1: Option<[u8; 20]>,
+    pub sha512: Option<Box<[u8; 64]>>,
+    pub blake2b: Option<Box<[u8; 64]>>,
+}
+
+/// One package file the binhost publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Package {
+    /// Validated relative path, `/`-separated.
+    pub path: Box<str>,
+    pub cpv: Box<str>,
+    pub build_id: Option<u64>,
+    pub size: u64,
+    /// Seconds since the epoch; the mount reports exactly this as st_mtime.
+    pub mtime: i64,
+    pub digests: Digests,
+}
+
+/// A parsed index: the exact bytes and the entries they describe.
+#[derive(Debug, Clone)]
+pub struct Index {
+    pub raw: Bytes,
+    pub timestamp: Option<u64>,
+    /// The header's `TTL`, in seconds, when the binhost sets one.
+    pub ttl: Option<u64>,
+    pub packages: Vec<Package>,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Index {
+    /// Parses `raw`. Entry-level problems are collected in `rejected`; only problems that make the
+    /// whole file untrustworthy are errors.
+    pub fn parse(raw: Bytes) -> Result<Index, IndexError> {
+        if raw.len() > MAX_INDEX_BYTES {
+            return Err(IndexError::TooLarge(raw.len()));
+        }
+        if let Some(pos) = memchr(0, &raw) {
+            return Err(IndexError::Binary(pos));
+        }
+        let text = String::from_utf8_lossy(&raw);
+        if text.trim().is_empty() {
+            return Err(IndexError::Empty);
+        }
+        let mut blocks = Blocks::new(&text);
+        let header = blocks.next().transpose()?.unwrap_or_default();
+        let mut index = Index {
+            raw: raw.clone(),
+            timestamp: None,
+            ttl: None,
+            packages: Vec::new(),
+            rejected: Vec::new(),
+        };
+        for (key, value) in &header.fields {
+            match *key {
+                "VERSION" => {
+                    if let Ok(v) = value.trim().parse::<i64>()
+                        && v > 0
+                    {
+                        return Err(IndexError::UnsupportedVersion(v));
+                    }
+                }
+                "TIMESTAMP" => {
+                    let t = value.trim();
+                    index.timestamp = Some(
+                        t.parse()
+                            .map_err(|_| IndexError::BadTimestamp(t.to_string()))?,
+                    );
+                }
+                "TTL" => index.ttl = value.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        let default_mtime = index.timestamp.unwrap_or(0) as i64;
+        for block in blocks {
+            let block = block?;
+            match Package::from_block(&block, default_mtime) {
+                Ok(pkg) => index.packages.push(pkg),
+                Err(rejected) => index.rejected.push(rejected),
+            }
+        }
+        Ok(index)
+    }
+}
+
+/// One block of `KEY: value` lines.
+#[derive(Debug, Default)]
+struct Block<'a> {
+    fields: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Block<'a> {
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
+struct Blocks<'a> {
+    lines: std::iter::Enumerate<std::str::Lines<'a>>,
+}
+
+impl<'a> Blocks<'a> {
+    fn new(text: &'a str) -> Self {
+        Blocks {
+            lines: text.lines().enumerate(),
+        }
+    }
+}
+
+impl<'a> Iterator for Blocks<'a> {
+    type Item = Result<Block<'a>, IndexError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut block = Block::default();
+        for (n, line) in self.lines.by_ref() {
+            if line.len() > MAX_LINE_BYTES {
+                return Some(Err(IndexError::LineTooLong(n + 1)));
+            }
+            if line.trim().is_empty() {
+                if block.fields.is_empty() {
+                    continue;
+                }
+                return Some(Ok(block));
+            }
+            let Some((key, rest)) = line.split_once(':') else {
+                return Some(Err(IndexError::BadLine {
+                    line: n + 1,
+                    text: line.chars().take(80).collect(),
+                }));
+            };
+            // Portage drops exactly one character after the colon.
+            let value = rest.get(1..).unwrap_or("");
+            block.fields.push((key, value));
+        }
+        (!block.fields.is_empty()).then_some(Ok(block))
+    }
+}
+
+impl Package {
+    fn from_block(block: &Block<'_>, default_mtime: i64) -> Result<Package, Rejected> {
+        let cpv = block.get("CPV").unwrap_or("").trim();
+        let path_field = block.get("PATH").map(str::trim);
+        let what = path_field.unwrap_or(cpv).to_string();
+        let reject = |reason: String| Rejected {
+            what: what.clone(),
+            reason,
+        };
+        if cpv.is_empty() {
+            return Err(reject("entry has no CPV".into()));
+        }
+        // Portage: an entry without PATH means CPV + ".tbz2".
+        let path = match path_field {
+            Some(p) => p.to_string(),
+            None => format!("{cpv}.tbz2"),
+        };
+        check_path(&path).map_err(|e| reject(format!("unsafe PATH: {e}")))?;
+        let size = block
+            .get("SIZE")
+            .ok_or_else(|| reject("entry has no SIZE".into()))?
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| reject("SIZE is not a non-negative integer".into()))?;
+        let mtime = match block.get("MTIME") {
+            Some(m) => m
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| reject("MTIME is not an integer".into()))?,
+            None => default_mtime,
+        };
+        let build_id = block.get("BUILD_ID").and_then(|b| b.trim().parse().ok());
+        let digests = Digests {
+            md5: hex_field(block, "MD5").map_err(reject)?,
+            sha1: hex_field(block, "SHA1").map_err(reject)?,
+            sha512: hex_field(block, "SHA512").map_err(reject)?.map(Box::new),
+            blake2b: hex_field(block, "BLAKE2B").map_err(reject)?.map(Box::new),
+        };
+        Ok(Package {
+            path: path.into(),
+            cpv: cpv.into(),
+            build_id,
+            size,
+            mtime,
+            digests,
+        })
+    }
+
+    /// The cache key: what the index says this file is. A package rebuilt at the same PATH gets
+    /// a new digest and so a new key, and is never served from a stale entry.
+    pub fn cache_key(&self) -> CacheKey {
+        let mut h = Sha1::new();
+        for part in [self.path.as_bytes(), &self.size.to_le_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let d = &self.digests;
+        let digests: [Option<&[u8]>; 4] = [
+            d.md5.as_ref().map(|x| &x[..]),
+            d.sha1.as_ref().map(|x| &x[..]),
+            d.sha512.as_deref().map(|x| &x[..]),
+            d.blake2b.as_deref().map(|x| &x[..]),
+        ];
+        for digest in digests {
+            let digest = digest.unwrap_or(&[]);
+            h.update((digest.len() as u64).to_le_bytes());
+            h.update(digest);
+        }
+        if digests.iter().all(Option::is_none) {
+            // Without any digest, MTIME is the only hint that the file changed.
+            h.update(self.mtime.to_le_bytes());
+        }
+        CacheKey(hex::encode(h.finalize()))
+    }
+}
+
+/// Hex name of a cache entry, derived only from index data (never from a file name on disk).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(pub String);
+
+impl CacheKey {
+    /// Accepts a name read back from the cache directory only if it has the form we write.
+    pub fn from_file_name(name: &str) -> Option<CacheKey> {
+        (name.len() == 40
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| CacheKey(name.to_string()))
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn hex_field<const N: usize>(block: &Block<'_>, key: &str) -> Result<Option<[u8; N]>, String> {
+    let Some(value) = block.get(key) else {
+        return Ok(None);
+    };
+    let mut out = [0u8; N];
+    hex::decode_to_slice(value.trim(), &mut out)
+        .map_err(|_| format!("{key} is not {} hex digits", N * 2))?;
+    Ok(Some(out))
+}
+
+/// Refuses any PATH that could escape the mount or confuse the tree.
+pub fn check_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("empty".into());
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(format!("longer than {MAX_PATH_BYTES} bytes"));
+    }
+    if path.starts_with('/') {
+        return Err("absolute".into());
+    }
+    if path.chars().any(|c| c.is_control()) {
+        return Err("contains a control character".into());
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return Err("empty component".into()),
+            "." | ".." => return Err(format!("`{component}` component")),
+            c if c.len() > MAX_COMPONENT_BYTES => {
+                return Err(format!("component longer than {MAX_COMPONENT_BYTES} bytes"));
+            }
+            _ => {}
+        }
+    }
+    if path == "Packages" {
+        return Err("collides with the index file itself".into());
+    }
+    Ok(())
+}
+
+fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
+    haystack.iter().position(|&b| b == needle)
+}
+
+/// Incremental check of a file against every digest the index carries.
+pub struct Verifier {
+    md5: Option<Md5>,
+    sha1: Option<Sha1>,
+    sha512: Option<Sha512>,
+    blake2b: Option<blake2::Blake2b512>,
+}
+
+impl Verifier {
+    pub fn new(d: &Digests) -> Self {
+        Verifier {
+            md5: d.md5.map(|_| Md5::new()),
+            sha1: d.sha1.map(|_| Sha1::new()),
+            sha512: d.sha512.as_ref().map(|_| Sha512::new()),
+            blake2b: d.blake2b.as_ref().map(|_| blake2::Blake2b512::new()),
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        if let Some(h) = &mut self.md5 {
+            h.update(data);
+        }
+        if let Some(h) = &mut self.sha1 {
+            h.update(data);
+        }
+        if let Some(h) = &mut self.sha512 {
+            h.update(data);
+        }
+        if let Some(h) = &mut self.blake2b {
+            h.update(data);
+        }
+    }
+
+    /// Names the first digest that disagrees, with both values, or `Ok` when all agree.
+    pub fn finish(self, d: &Digests) -> Result<(), String> {
+        fn cmp(name: &str, want: &[u8], got: &[u8]) -> Result<(), String> {
+            if want == got {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name} mismatch: index says {}, got {}",
+                    hex::encode(want),
+                    hex::encode(got)
+                ))
+            }
+        }
+        if let (Some(h), Some(want)) = (self.sha1, &d.sha1) {
+            cmp("SHA1", want, &h.finalize())?;
+        }
+        if let (Some(h), Some(want)) = (self.md5, &d.md5) {
+            cmp("MD5", want, &h.finalize())?;
+        }
+        if let (Some(h), Some(want)) = (self.sha512, &d.sha512) {
+            cmp("SHA512", &want[..], &h.finalize())?;
+        }
+        if let (Some(h), Some(want)) = (self.blake2b, &d.blake2b) {
+            cmp("BLAKE2B", &want[..], &h.finalize())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str =
+        "ACCEPT_KEYWORDS: amd64\nPACKAGES: 2\nTIMESTAMP: 1700000000\nVERSION: 0\n\n";
+
+    fn parse(s: &str) -> Result<Index, IndexError> {
+        Index::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn entry(path: &str, extra: &str) -> String {
+        format!(
+            "CPV: app-misc/foo-1\nMD5: 0123456789abcdef0123456789abcdef\nMTIME: 1700000001\n\
+             PATH: {path}\nSHA1: 0123456789abcdef0123456789abcdef01234567\nSIZE: 4096\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn parses_header_and_entries() {
+        let idx = parse(&format!(
+            "{HEADER}{}\n{}",
+            entry("app-misc/foo/foo-1-1.gpkg.tar", "BUILD_ID: 1\n"),
+            entry("app-misc/foo-1.tbz2", "")
+        ))
+        .unwrap();
+        assert_eq!(idx.timestamp, Some(1_700_000_000));
+        assert_eq!(idx.packages.len(), 2);
+        let p = &idx.packages[0];
+        assert_eq!(&*p.path, "app-misc/foo/foo-1-1.gpkg.tar");
+        assert_eq!(p.size, 4096);
+        assert_eq!(p.mtime, 1_700_000_001);
+        assert_eq!(p.build_id, Some(1));
+        assert_eq!(p.digests.md5.unwrap()[0], 0x01);
+        assert!(idx.rejected.is_empty());
+    }
+
+    #[test]
+    fn value_drops_exactly_one_char_after_colon() {
+        let idx = parse(&format!(
+            "{HEADER}CPV: a/b-1\nPATH:  a/b-1.tbz2\nSIZE: 1\nUSE:  x\n"
+        ))
+        .unwrap();
+        // PATH is trimmed by us (Portage would look for a leading-space file name, which no
+        // binhost writes); SIZE parses.
+        assert_eq!(&*idx.packages[0].path, "a/b-1.tbz2");
+    }
+
+    #[test]
+    fn missing_path_means_cpv_tbz2() {
+        let idx = parse(&format!("{HEADER}CPV: app-misc/foo-1\nSIZE: 3\n")).unwrap();
+        assert_eq!(&*idx.packages[0].path, "app-misc/foo-1.tbz2");
+        assert_eq!(
+            idx.packages[0].mtime, 1_700_000_000,
+            "falls back to TIMESTAMP"
+        );
+    }
+
+    #[test]
+    fn hostile_paths_are_rejected_not_fatal() {
+        let hostile = [
+            "/etc/passwd",
+            "../../etc/passwd",
+            "a/../../b.tbz2",
+            "a//b.tbz2",
+            "a/./b.tbz2",
+            "Packages",
+            "a/b\u{7}.tbz2",
+            "",
+        ];
+        let mut text = HEADER.to_string();
+        for p in hostile {
+            text += &entry(p, "");
+            text += "\n";
+        }
+        text += &entry("ok/fine-1.gpkg.tar", "");
+        let idx = parse(&text).unwrap();
+        assert_eq!(idx.packages.len(), 1);
+        assert_eq!(&*idx.packages[0].path, "ok/fine-1.gpkg.tar");
+        assert_eq!(idx.rejected.len(), hostile.len());
+    }
+
+    #[test]
+    fn bad_numbers_and_digests_reject_the_entry() {
+        for extra in [
+            "SIZE: -1\n",
+            "SIZE: lots\n",
+            "MTIME: yesterday\n",
+            "SHA1: xyz\n",
+        ] {
+            // Later keys override earlier ones, as in Portage's dict.
+            let idx = parse(&format!("{HEADER}{}", entry("a/b-1.tbz2", extra))).unwrap();
+            assert!(idx.packages.is_empty(), "{extra} should reject");
+            assert_eq!(idx.rejected.len(), 1);
+        }
+        let idx = parse(&format!("{HEADER}CPV: a/b-1\nPATH: a/b-1.tbz2\n")).unwrap();
+        assert_eq!(idx.rejected[0].reason, "entry has no SIZE");
+    }
+
+    #[test]
+    fn whole_file_errors() {
+        assert_eq!(parse("").unwrap_err(), IndexError::Empty);
+        assert_eq!(parse("\n\n  \n").unwrap_err(), IndexError::Empty);
+        assert!(matches!(
+            parse("PACKAGES: 1\0\n"),
+            Err(IndexError::Binary(11))
+        ));
+        assert!(matches!(
+            parse("this is not an index\n"),
+            Err(IndexError::BadLine { line: 1, .. })
+        ));
+        assert_eq!(
+            parse("VERSION: 1\n").unwrap_err(),
+            IndexError::UnsupportedVersion(1)
+        );
+        assert!(matches!(
+            parse("TIMESTAMP: soon\n"),
+            Err(IndexError::BadTimestamp(_))
+        ));
+        let long = format!("X: {}\n", "a".repeat(MAX_LINE_BYTES + 1));
+        assert_eq!(parse(&long).unwrap_err(), IndexError::LineTooLong(1));
+    }
+
+    #[test]
+    fn cache_key_follows_content_identity() {
+        let idx = parse(&format!("{HEADER}{}", entry("a/b-1.tbz2", ""))).unwrap();
+        let a = idx.packages[0].clone();
+        let mut rebuilt = a.clone();
+        rebuilt.digests.sha1 = Some([7; 20]);
+        let mut touched = a.clone();
+        touched.mtime += 5;
+        assert_ne!(a.cache_key(), rebuilt.cache_key());
+        assert_eq!(
+            a.cache_key(),
+            touched.cache_key(),
+            "digests decide, not mtime"
+        );
+        assert!(CacheKey::from_file_name(&a.cache_key().0).is_some());
+        assert!(CacheKey::from_file_name("../x").is_none());
+    }
+
+    #[test]
+    fn verifier_names_the_bad_digest() {
+        let data = b"hello";
+        let d = Digests {
+            md5: Some(Md5::digest(data).into()),
+            sha1: Some(Sha1::digest(data).into()),
+            sha512: None,
+            blake2b: None,
+        };
+        let mut v = Verifier::new(&d);
+        v.update(data);
+        assert_eq!(v.finish(&d), Ok(()));
+        let mut v = Verifier::new(&d);
+        v.update(b"hellp");
+        assert!(v.finish(&d).unwrap_err().starts_with("SHA1 mismatch"));
+    }
+
+    /// A real index written by Portage 3.0.83 (`emerge --buildpkg`), kept as a fixture.
+    #[test]
+    fn parses_real_portage_index() {
+        let raw = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/binhost/Packages"
+        ))
+        .expect("fixture binhost present");
+        let idx = Index::parse(raw.into()).unwrap();
+        assert!(idx.timestamp.is_some());
+        assert!(!idx.packages.is_empty());
+        assert!(idx.rejected.is_empty(), "{:?}", idx.rejected);
+        for p in &idx.packages {
+            assert!(p.path.ends_with(".gpkg.tar"), "{}", p.path);
+            assert!(p.digests.sha1.is_some() && p.digests.md5.is_some());
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! binpkgfs: a Gentoo binhost as a lazy, verified, read-only PKGDIR over FUSE.
+//!
+//! The pipeline, one module each: `index` (parse `Packages` into a snapshot) -> `namespace`
+//! (inodes and attributes from the snapshot) -> `cache` (the on-disk store) and `fetch` (shared,
+//! verified transfers into it) -> `remote` (transports). `fs` translates FUSE requests onto that;
+//! `lifecycle` keeps the index fresh; `daemon`, `config`, `logging` and `status` are the process
+//! around it.
+
+mod cache;
+mod config;
+mod daemon;
+mod error;
+mod fetch;
+mod fs;
+mod index;
+mod lifecycle;
+mod logging;
+mod namespace;
+mod remote;
+mod status;
+
+use clap::Parser;
+
+use config::{Cli, Command, MountConfig};
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount(args) => MountConfig::from_args(args).and_then(daemon::mount),
+        Command::Status { json, mountpoint } => status::read(&mountpoint).map(|v| {
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", status::render(&v));
+            }
+        }),
+    };
+    if let Err(msg) = result {
+        eprintln!("binpkgfs: error: {msg}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,339 @@
+//! Transports: how bytes come from a binhost.
+//!
+//! `Remote` is the one seam between the filesystem and the network: it fetches the index (with
+//! conditional-request validators) and opens a package as a stream of chunks. HTTP(S) goes
+//! through reqwest with certificate checks on and the system's CA store; `file://` reads a
+//! binhost directory on local or NFS storage. SSH would be a third variant.
+//!
+//! A transport never decides whether bytes are *right*; it reports what the server said. The
+//! fetcher checks sizes and digests. It does bound what it can: connect and stall timeouts,
+//! a redirect limit, and an index size limit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{StatusCode, Url, header};
+use tokio::io::AsyncReadExt;
+
+use crate::index::MAX_INDEX_BYTES;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("unsupported URL {0:?}: use http://, https:// or file:///path")]
+    BadUrl(String),
+    #[error("{url}: server answered {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: index larger than {MAX_INDEX_BYTES} bytes")]
+    IndexTooLarge(String),
+}
+
+/// Validators for a conditional index request. Stored beside the saved index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum IndexFetch {
+    NotModified,
+    Fresh { raw: Bytes, validators: Validators },
+}
+
+/// Settings for transports, from the validated config.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub connect_timeout: Duration,
+    /// A transfer that delivers nothing for this long is cut.
+    pub stall_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Remote {
+    Http { base: Url, client: reqwest::Client },
+    File { base: PathBuf },
+}
+
+impl Remote {
+    pub fn new(url: &str, opts: &RemoteOptions) -> Result<Remote, RemoteError> {
+        let bad = || RemoteError::BadUrl(url.to_string());
+        let parsed = Url::parse(url).map_err(|_| bad())?;
+        match parsed.scheme() {
+            "http" | "https" if parsed.host_str().is_some() => {
+                let client = reqwest::Client::builder()
+                    .user_agent(concat!("binpkgfs/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(opts.connect_timeout)
+                    .read_timeout(opts.stall_timeout)
+                    .redirect(reqwest::redirect::Policy::limited(8))
+                    .build()
+                    .map_err(|source| RemoteError::Http {
+                        url: url.to_string(),
+                        source,
+                    })?;
+                let mut base = parsed;
+                if !base.path().ends_with('/') {
+                    base.set_path(&format!("{}/", base.path()));
+                }
+                Ok(Remote::Http { base, client })
+            }
+            "file" if parsed.host_str().unwrap_or("").is_empty() => {
+                let base = parsed.to_file_path().map_err(|_| bad())?;
+                Ok(Remote::File { base })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn http_url(base: &Url, path: &str) -> Url {
+        let mut url = base.clone();
+        {
+            // path_segments_mut percent-encodes each component (`+`, `#`, `?` are legal in PATH).
+            let mut segs = url.path_segments_mut().expect("http URLs have a path");
+            segs.pop_if_empty();
+            segs.extend(path.split('/'));
+        }
+        url
+    }
+
+    /// Fetches `Packages`, or reports that it has not changed since `since`.
+    pub async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, RemoteError> {
+        match self {
+            Remote::Http { base, client } => {
+                let url = Self::http_url(base, "Packages");
+                let mut req = client.get(url.clone());
+                if let Some(v) = since {
+                    if let Some(etag) = &v.etag {
+                        req = req.header(header::IF_NONE_MATCH, etag);
+                    }
+                    if let Some(lm) = &v.last_modified {
+                        req = req.header(header::IF_MODIFIED_SINCE, lm);
+                    }
+                }
+                let http_err = |source| RemoteError::Http {
+                    url: url.to_string(),
+                    source,
+                };
+                let mut resp = req.send().await.map_err(http_err)?;
+                if resp.status() == StatusCode::NOT_MODIFIED && since.is_some() {
+                    return Ok(IndexFetch::NotModified);
+                }
+                if resp.status() != StatusCode::OK {
+                    return Err(RemoteError::Status {
+                        url: url.to_string(),
+                        status: resp.status(),
+                    });
+                }
+                let header_str = |name| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v: &header::HeaderValue| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let validators = Validators {
+                    etag: header_str(header::ETAG),
+                    last_modified: header_str(header::LAST_MODIFIED),
+                };
+                let mut raw = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(http_err)? {
+                    if raw.len() + chunk.len() > MAX_INDEX_BYTES {
+                        return Err(RemoteError::IndexTooLarge(url.to_string()));
+                    }
+                    raw.extend_from_slice(&chunk);
+                }
+                Ok(IndexFetch::Fresh {
+                    raw: raw.into(),
+                    validators,
+                })
+            }
+            Remote::File { base } => {
+                let path = base.join("Packages");
+                let io_err = |source| RemoteError::Io {
+                    path: path.display().to_string(),
+                    source,
+                };
+                let meta = tokio::fs::metadata(&path).await.map_err(io_err)?;
+                if meta.len() > MAX_INDEX_BYTES as u64 {
+                    return Err(RemoteError::IndexTooLarge(path.display().to_string()));
+                }
+                let stamp = {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("{}.{}:{}", meta.mtime(), meta.mtime_nsec(), meta.len())
+                };
+                if since.and_then(|v| v.etag.as_deref()) == Some(stamp.as_str()) {
+                    return Ok(IndexFetch::NotModified);
+                }
+                let raw = tokio::fs::read(&path).await.map_err(io_err)?;
+                Ok(IndexFetch::Fresh {
+                    raw: raw.into(),
+                    validators: Validators {
+                        etag: Some(stamp),
+                        last_modified: None,
+                    },
+                })
+            }
+        }
+    }
+
+    /// Starts reading one package file from its first byte.
+    pub async fn open(&self, path: &str) -> Result<Body, RemoteError> {
+        match self {
+            Remote::Http { base, client } => {
+                let url = Self::http_url(base, path);
+                let resp =
+                    client
+                        .get(url.clone())
+                        .send()
+                        .await
+                        .map_err(|source| RemoteError::Http {
+                            url: url.to_string(),
+                            source,
+                        })?;
+                if resp.status() != StatusCode::OK {
+                    return Err(RemoteError::Status {
+                        url: url.to_string(),
+                        status: resp.status(),
+                    });
+                }
+                Ok(Body {
+                    name: url.to_string(),
+                    inner: BodyInner::Http(resp),
+                })
+            }
+            Remote::File { base } => {
+                let full = base.join(path);
+                let name = full.display().to_string();
+                let file =
+                    tokio::fs::File::open(&full)
+                        .await
+                        .map_err(|source| RemoteError::Io {
+                            path: name.clone(),
+                            source,
+                        })?;
+                Ok(Body {
+                    name,
+                    inner: BodyInner::File(file),
+                })
+            }
+        }
+    }
+}
+
+/// A package body being received.
+pub struct Body {
+    name: String,
+    inner: BodyInner,
+}
+
+enum BodyInner {
+    Http(reqwest::Response),
+    File(tokio::fs::File),
+}
+
+const FILE_CHUNK: usize = 1 << 20;
+
+impl Body {
+    /// The length the server announced, if any (checked against SIZE before any byte is kept).
+    pub fn announced_len(&self) -> Option<u64> {
+        match &self.inner {
+            BodyInner::Http(resp) => resp.content_length(),
+            BodyInner::File(_) => None,
+        }
+    }
+
+    /// The next chunk, or `None` at the end of the body.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, RemoteError> {
+        match &mut self.inner {
+            BodyInner::Http(resp) => resp.chunk().await.map_err(|source| RemoteError::Http {
+                url: self.name.clone(),
+                source,
+            }),
+            BodyInner::File(file) => {
+                let mut buf = Vec::with_capacity(FILE_CHUNK);
+                let n = (&mut *file)
+                    .take(FILE_CHUNK as u64)
+                    .read_to_end(&mut buf)
+                    .await
+                    .map_err(|source| RemoteError::Io {
+                        path: self.name.clone(),
+                        source,
+                    })?;
+                Ok((n > 0).then(|| buf.into()))
+            }
+        }
+    }
+}
+
+/// Formats an error with its whole `source()` chain on one line, for warnings.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> RemoteOptions {
+        RemoteOptions {
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn urls_are_validated() {
+        for bad in [
+            "ftp://x/y",
+            "not a url",
+            "http://",
+            "file://host/x",
+            "/plain/path",
+        ] {
+            assert!(
+                matches!(Remote::new(bad, &opts()), Err(RemoteError::BadUrl(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            Remote::new("file:///srv/binpkgs", &opts()),
+            Ok(Remote::File { .. })
+        ));
+    }
+
+    #[test]
+    fn package_urls_are_joined_and_escaped() {
+        let Remote::Http { base, .. } = Remote::new("https://h/amd64", &opts()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            Remote::http_url(&base, "dev-libs/libsigc++/libsigc++-2-1.gpkg.tar").as_str(),
+            "https://h/amd64/dev-libs/libsigc++/libsigc++-2-1.gpkg.tar"
+        );
+        assert_eq!(
+            Remote::http_url(&base, "a/b#c?d.tbz2").as_str(),
+            "https://h/amd64/a/b%23c%3Fd.tbz2"
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! `binpkgfs status`: what a running mount is doing, for people and for scripts.
+//!
+//! The daemon answers through an extended attribute on the mount's root
+//! (`user.binpkgfs.status`, JSON), so no socket or extra file appears in the PKGDIR and the
+//! answer always comes from the daemon actually serving that mount point.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::config::MountConfig;
+use crate::fetch::Fetcher;
+use crate::fs::STATUS_XATTR;
+use crate::lifecycle::Lifecycle;
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The daemon side: a closure that renders the current status as JSON.
+pub fn reporter(
+    cfg: &MountConfig,
+    lifecycle: Arc<Lifecycle>,
+    fetcher: Arc<Fetcher>,
+) -> Box<dyn Fn() -> String + Send + Sync> {
+    let mountpoint = cfg.mountpoint.display().to_string();
+    Box::new(move || {
+        let ns = lifecycle.ns.read().unwrap().clone();
+        let last = lifecycle.last.lock().unwrap().clone();
+        let usage = fetcher.store().usage();
+        let s = &fetcher.stats;
+        let now = unix(SystemTime::now());
+        json!({
+            "url": lifecycle.url,
+            "mountpoint": mountpoint,
+            "pid": std::process::id(),
+            "index": {
+                "timestamp": ns.index.timestamp,
+                "age_seconds": ns.index.timestamp.map(|t| now.saturating_sub(t)),
+                "packages": ns.index.packages.len(),
+                "refused_entries": ns.index.rejected.len(),
+                "last_check": unix(last.at),
+                "last_check_result": last.result,
+            },
+            "cache": {
+                "bytes": usage.bytes,
+                "limit": usage.limit,
+                "entries": usage.entries,
+            },
+            "hits": s.hits.load(Ordering::Relaxed),
+            "misses": s.misses.load(Ordering::Relaxed),
+            "bytes_fetched": s.bytes_fetched.load(Ordering::Relaxed),
+            "downloads_in_flight": s.in_flight.load(Ordering::Relaxed),
+            "failed_downloads": s.failures.load(Ordering::Relaxed),
+        })
+        .to_string()
+    })
+}
+
+/// Reads the status of the mount at `mountpoint`.
+pub fn read(mountpoint: &Path) -> Result<Value, String> {
+    let not_ours = || format!("{} is not a binpkgfs mount", mountpoint.display());
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| not_ours())?;
+    let name = std::ffi::CString::new(STATUS_XATTR).expect("no NUL");
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid C strings and a buffer of the stated length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) => not_ours(),
+            _ => format!("{}: {e}", mountpoint.display()),
+        });
+    }
+    buf.truncate(n as usize);
+    serde_json::from_slice(&buf).map_err(|e| format!("unreadable status: {e}"))
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Renders the status for a person.
+pub fn render(v: &Value) -> String {
+    let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let now = unix(SystemTime::now());
+    let index_line = match v.pointer("/index/timestamp").and_then(Value::as_u64) {
+        Some(t) => format!("TIMESTAMP {t} ({}s old)", now.saturating_sub(t)),
+        None => "no TIMESTAMP".into(),
+    };
+    format!(
+        "binhost:    {}\n\
+         mounted at: {} (pid {})\n\
+         index:      {}, {} packages, {} refused entries\n\
+         last check: {}s ago: {}\n\
+         cache:      {} of {} in {} entries\n\
+         requests:   {} hits, {} misses, {} fetched, {} in flight, {} failed\n",
+        s("/url"),
+        s("/mountpoint"),
+        n("/pid"),
+        index_line,
+        n("/index/packages"),
+        n("/index/refused_entries"),
+        now.saturating_sub(n("/index/last_check")),
+        s("/index/last_check_result"),
+        human_bytes(n("/cache/bytes")),
+        human_bytes(n("/cache/limit")),
+        n("/cache/entries"),
+        n("/hits"),
+        n("/misses"),
+        human_bytes(n("/bytes_fetched")),
+        n("/downloads_in_flight"),
+        n("/failed_downloads"),
+    )
+}
