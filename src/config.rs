@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount a binhost (http://, https://, file:///) as a read-only PKGDIR.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Show what a mounted binpkgfs is doing.
     Status {
         /// Print JSON for scripts.
@@ -254,7 +254,7 @@ mod tests {
         else {
             panic!("not mount")
         };
-        MountConfig::from_args(m)
+        MountConfig::from_args(*m)
     }
 
     #[test]

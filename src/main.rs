@@ -26,7 +26,7 @@ use config::{Cli, Command, MountConfig};
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Mount(args) => MountConfig::from_args(args).and_then(daemon::mount),
+        Command::Mount(args) => MountConfig::from_args(*args).and_then(daemon::mount),
         Command::Status { json, mountpoint } => status::read(&mountpoint).map(|v| {
             if json {
                 println!("{v}");

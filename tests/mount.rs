@@ -1,0 +1,478 @@
+//! The mount as a user sees it, through real FUSE mounts of the real binary served by real nginx
+//! from the real Portage-built fixture binhost: the tree, exact attributes, byte-identical reads,
+//! one transfer per file, the persistent cache, read-only behaviour, refresh, offline use, and
+//! clear errors from the command line.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{IndexEntry, Mount, Nginx, copy_fixture_binhost, fixture_packages, is_mounted};
+use tempfile::TempDir;
+
+fn setup() -> (TempDir, Nginx, TempDir) {
+    support::require_real_parts();
+    let binhost = TempDir::with_prefix("binpkgfs-binhost.").unwrap();
+    copy_fixture_binhost(binhost.path());
+    let nginx = Nginx::start(binhost.path());
+    let cache = TempDir::with_prefix("binpkgfs-cache.").unwrap();
+    (binhost, nginx, cache)
+}
+
+fn package_gets(nginx: &Nginx) -> Vec<String> {
+    nginx
+        .requests()
+        .into_iter()
+        .filter(|l| l.is_package())
+        .map(|l| l.uri)
+        .collect()
+}
+
+fn objects(cache: &Path) -> usize {
+    fs::read_dir(cache.join("objects")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn tree_and_attributes_come_from_the_index_without_package_requests() {
+    let (binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let entries = fixture_packages();
+
+    let mut want: BTreeSet<PathBuf> = entries.iter().map(|e| PathBuf::from(&e["PATH"])).collect();
+    want.insert(PathBuf::from("Packages"));
+    let got: BTreeSet<PathBuf> = support::list_files(mount.path()).into_iter().collect();
+    assert_eq!(got, want);
+
+    for e in &entries {
+        let meta = fs::metadata(mount.path().join(&e["PATH"])).unwrap();
+        assert_eq!(meta.len().to_string(), e["SIZE"], "{}", e["PATH"]);
+        assert_eq!(meta.mtime().to_string(), e["MTIME"], "{}", e["PATH"]);
+        assert_eq!(meta.mode() & 0o7777, 0o444);
+    }
+    assert_eq!(
+        fs::read(mount.path().join("Packages")).unwrap(),
+        fs::read(binhost.path().join("Packages")).unwrap()
+    );
+    assert_eq!(
+        package_gets(&nginx),
+        Vec::<String>::new(),
+        "stat and listing fetched packages"
+    );
+}
+
+#[test]
+fn concurrent_readers_share_one_transfer_and_get_exact_bytes() {
+    let (binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let entries = fixture_packages();
+    std::thread::scope(|s| {
+        for _ in 0..6 {
+            for e in &entries {
+                let (mnt, src) = (
+                    mount.path().join(&e["PATH"]),
+                    binhost.path().join(&e["PATH"]),
+                );
+                s.spawn(move || assert!(fs::read(mnt).unwrap() == fs::read(src).unwrap()));
+            }
+        }
+    });
+    let mut gets = package_gets(&nginx);
+    gets.sort();
+    let mut want: Vec<String> = entries.iter().map(|e| format!("/{}", e["PATH"])).collect();
+    want.sort();
+    assert_eq!(gets, want, "each package crosses the network exactly once");
+    assert_eq!(objects(cache.path()), entries.len());
+}
+
+#[test]
+fn scattered_reads_return_the_right_bytes() {
+    let (binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let e = fixture_packages()
+        .into_iter()
+        .max_by_key(|e| e["SIZE"].parse::<u64>().unwrap())
+        .unwrap();
+    let src = fs::read(binhost.path().join(&e["PATH"])).unwrap();
+    let mut f = fs::File::open(mount.path().join(&e["PATH"])).unwrap();
+    // Tail first, as Portage's tar reader does, then headers in the middle.
+    for &offset in &[src.len() as u64 - 1024, 0, 512, src.len() as u64 / 2, 1] {
+        let mut buf = vec![0; 700];
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let n = f.read(&mut buf).unwrap();
+        let end = (offset as usize + n).min(src.len());
+        assert_eq!(&buf[..n], &src[offset as usize..end], "offset {offset}");
+    }
+}
+
+#[test]
+fn cache_survives_remount_and_a_rebuilt_package_is_fetched_again() {
+    let (binhost, nginx, cache) = setup();
+    let entries = fixture_packages();
+    let mut mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    for e in &entries {
+        fs::read(mount.path().join(&e["PATH"])).unwrap();
+    }
+    mount.unmount().unwrap();
+    nginx.clear_log();
+
+    let mut mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    for e in &entries {
+        let got = fs::read(mount.path().join(&e["PATH"])).unwrap();
+        assert!(
+            got == fs::read(binhost.path().join(&e["PATH"])).unwrap(),
+            "{}",
+            e["PATH"]
+        );
+    }
+    assert_eq!(
+        package_gets(&nginx),
+        Vec::<String>::new(),
+        "warm reads must not fetch"
+    );
+    mount.unmount().unwrap();
+
+    // Rebuild one package at the same PATH: same size, new bytes, new digests.
+    let rebuilt = &entries[0];
+    let path = binhost.path().join(&rebuilt["PATH"]);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+    rewrite_entry(binhost.path(), &rebuilt["PATH"], &bytes);
+    nginx.clear_log();
+
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    assert!(
+        fs::read(mount.path().join(&rebuilt["PATH"])).unwrap() == bytes,
+        "stale bytes served"
+    );
+    assert_eq!(package_gets(&nginx), vec![format!("/{}", rebuilt["PATH"])]);
+}
+
+/// Updates one entry's SHA1/MD5/SIZE in the binhost's `Packages` for new file contents, and
+/// bumps TIMESTAMP, as a binhost that rebuilt the package would.
+fn rewrite_entry(binhost: &Path, path: &str, bytes: &[u8]) {
+    let text = fs::read_to_string(binhost.join("Packages")).unwrap();
+    let (header, entries) = support::parse_packages(&text);
+    let render = |block: &IndexEntry| -> String {
+        block.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    };
+    let mut header = header;
+    let ts: u64 = header["TIMESTAMP"].parse().unwrap();
+    header.insert("TIMESTAMP".into(), (ts + 10).to_string());
+    let mut out = render(&header) + "\n";
+    for mut e in entries {
+        if e["PATH"] == path {
+            e.insert("SHA1".into(), digest("sha1sum", bytes));
+            e.insert("MD5".into(), digest("md5sum", bytes));
+            e.insert("SIZE".into(), bytes.len().to_string());
+        }
+        out += &(render(&e) + "\n");
+    }
+    publish_index(binhost, &out);
+}
+
+/// Replaces the binhost's index as a binhost does (write aside, rename), with an mtime in the
+/// future: nginx's ETag is mtime-size, and a same-size rewrite within one second would
+/// rightly be answered 304.
+fn publish_index(binhost: &Path, text: &str) {
+    let tmp = binhost.join("Packages.new");
+    fs::write(&tmp, text).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    fs::rename(&tmp, binhost.join("Packages")).unwrap();
+}
+
+fn digest(tool: &str, bytes: &[u8]) -> String {
+    let dir = TempDir::new().unwrap();
+    let f = dir.path().join("x");
+    fs::write(&f, bytes).unwrap();
+    let out = Command::new(tool).arg(&f).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn everything_is_read_only_and_readable_by_other_users() {
+    let (_binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let e = &fixture_packages()[0];
+    let file = mount.path().join(&e["PATH"]);
+    let erofs = |r: std::io::Result<()>| {
+        let err = r.expect_err("write-like operation succeeded");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    };
+    erofs(fs::write(mount.path().join("new"), b"x"));
+    erofs(fs::OpenOptions::new().write(true).open(&file).map(drop));
+    erofs(fs::create_dir(mount.path().join("d")));
+    erofs(fs::remove_file(&file));
+    erofs(fs::rename(&file, mount.path().join("moved")));
+    erofs(fs::set_permissions(
+        &file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    ));
+    // What Portage asks before it would write anything.
+    let c = std::ffi::CString::new(mount.path().as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::access(c.as_ptr(), libc::W_OK) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EROFS)
+    );
+
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&*mount.path().to_string_lossy()))
+        .unwrap();
+    for opt in ["ro", "nosuid", "nodev"] {
+        assert!(
+            line.split(' ').nth(5).unwrap().split(',').any(|o| o == opt),
+            "{opt}: {line}"
+        );
+    }
+    // The `portage` user reads through the mount.
+    let out = Command::new("setpriv")
+        .args(["--reuid=250", "--regid=250", "--clear-groups", "cat"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len().to_string(), e["SIZE"]);
+}
+
+fn mount_cmd(args: &[&str]) -> (bool, String) {
+    let out = Command::new(support::binpkgfs_bin())
+        .arg("mount")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+#[test]
+fn command_line_errors_are_one_clear_line() {
+    support::require_real_parts();
+    let cache = TempDir::new().unwrap();
+    let mnt = TempDir::new().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let mnt_arg = mnt.path().to_str().unwrap();
+    let file = cache.path().join("plain-file");
+    fs::write(&file, b"").unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://127.0.0.1:{}/", l.local_addr().unwrap().port())
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--cache-dir", cache_arg, "ftp://x/y", mnt_arg],
+            "unsupported URL",
+        ),
+        (
+            vec!["--cache-dir", cache_arg, "http://h/x", "/nonexistent/mnt"],
+            "does not exist",
+        ),
+        (
+            vec![
+                "--cache-dir",
+                cache_arg,
+                "http://h/x",
+                file.to_str().unwrap(),
+            ],
+            "not a directory",
+        ),
+        (
+            vec!["--cache-dir", cache_arg, "-o", "rw", "http://h/x", mnt_arg],
+            "read-only",
+        ),
+        (
+            vec!["--cache-dir", cache_arg, &dead, mnt_arg],
+            "unreachable and no saved index",
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, stderr) = mount_cmd(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("binpkgfs: error: ") && stderr.contains(want),
+            "{args:?}: {stderr}"
+        );
+        assert!(!is_mounted(mnt.path()));
+    }
+}
+
+#[test]
+fn already_mounted_and_shared_cache_are_refused() {
+    let (_binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let (ok, stderr) = mount_cmd(&[
+        "--cache-dir",
+        TempDir::new().unwrap().path().to_str().unwrap(),
+        &nginx.url(),
+        mount.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("already a mount point"), "{stderr}");
+    let err = Mount::new(&nginx.url(), cache.path(), &[])
+        .err()
+        .expect("second daemon on one cache");
+    assert!(err.contains("in use by another binpkgfs"), "{err}");
+}
+
+#[test]
+fn sigterm_unmounts_and_exits() {
+    let (_binhost, nginx, cache) = setup();
+    let mut mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    unsafe { libc::kill(mount.pid(), libc::SIGTERM) };
+    mount.wait_for_exit(Duration::from_secs(10)).unwrap();
+    assert!(!is_mounted(mount.path()));
+}
+
+#[test]
+fn offline_remount_serves_cached_packages_and_fails_fast_on_the_rest() {
+    let (_binhost, mut nginx, cache) = setup();
+    let entries = fixture_packages();
+    let (cached, uncached) = (&entries[0], &entries[1]);
+    let mut mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let want = fs::read(mount.path().join(&cached["PATH"])).unwrap();
+    mount.unmount().unwrap();
+    let url = nginx.url();
+    nginx.stop();
+
+    let mount = Mount::new(&url, cache.path(), &["--stall-timeout", "3"]).unwrap();
+    assert_eq!(support::list_files(mount.path()).len(), entries.len() + 1);
+    assert!(fs::read(mount.path().join(&cached["PATH"])).unwrap() == want);
+    let started = Instant::now();
+    let err = fs::read(mount.path().join(&uncached["PATH"])).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn index_refresh_shows_new_builds_and_keeps_open_readers_on_their_version() {
+    let (binhost, nginx, cache) = setup();
+    let entries = fixture_packages();
+    let mount = Mount::new(&nginx.url(), cache.path(), &["--index-ttl", "1"]).unwrap();
+    let victim = &entries[0];
+    let victim_bytes = fs::read(binhost.path().join(&victim["PATH"])).unwrap();
+    let mut reader = fs::File::open(mount.path().join(&victim["PATH"])).unwrap();
+    let mut head = vec![0; 100];
+    reader.read_exact(&mut head).unwrap();
+
+    // The binhost withdraws `victim` and publishes a new build elsewhere: packages first,
+    // index last, as binhosts do.
+    let text = fs::read_to_string(binhost.path().join("Packages")).unwrap();
+    let (mut header, rest) = support::parse_packages(&text);
+    let new_path = "app-misc/newcomer/newcomer-1-1.gpkg.tar";
+    fs::create_dir_all(binhost.path().join("app-misc/newcomer")).unwrap();
+    fs::copy(
+        binhost.path().join(&entries[1]["PATH"]),
+        binhost.path().join(new_path),
+    )
+    .unwrap();
+    let mut newcomer = entries[1].clone();
+    newcomer.insert("PATH".into(), new_path.into());
+    newcomer.insert("CPV".into(), "app-misc/newcomer-1".into());
+    let ts: u64 = header["TIMESTAMP"].parse().unwrap();
+    header.insert("TIMESTAMP".into(), (ts + 60).to_string());
+    let render =
+        |b: &IndexEntry| -> String { b.iter().map(|(k, v)| format!("{k}: {v}\n")).collect() };
+    let mut out = render(&header) + "\n";
+    for e in rest
+        .iter()
+        .filter(|e| e["PATH"] != victim["PATH"])
+        .chain([&newcomer])
+    {
+        out += &(render(e) + "\n");
+    }
+    publish_index(binhost.path(), &out);
+    fs::remove_file(binhost.path().join(&victim["PATH"])).unwrap();
+
+    let appeared = support::wait_until(Duration::from_secs(10), || {
+        mount.path().join(new_path).exists() && !mount.path().join(&victim["PATH"]).exists()
+    });
+    assert!(appeared, "refresh did not show the new index");
+    assert!(
+        fs::read(mount.path().join(new_path)).unwrap()
+            == fs::read(binhost.path().join(new_path)).unwrap()
+    );
+    // The reader that opened the withdrawn file before the refresh reads it to the end.
+    let mut rest_bytes = Vec::new();
+    reader.read_to_end(&mut rest_bytes).unwrap();
+    assert!(
+        [head, rest_bytes].concat() == victim_bytes,
+        "pinned reader saw other bytes"
+    );
+    assert!(
+        fs::read(mount.path().join("Packages")).unwrap()
+            == fs::read(binhost.path().join("Packages")).unwrap(),
+        "served index matches the tree"
+    );
+}
+
+#[test]
+fn status_reports_the_mount() {
+    let (_binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
+    let e = &fixture_packages()[0];
+    fs::read(mount.path().join(&e["PATH"])).unwrap();
+    let status = || {
+        let out = Command::new(support::binpkgfs_bin())
+            .args(["status", "--json"])
+            .arg(mount.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The reader is answered once the file is verified; committing it to the cache follows.
+    support::wait_until(Duration::from_secs(5), || {
+        status().contains("\"downloads_in_flight\":0")
+    });
+    let text = status();
+    for want in [
+        format!("\"packages\":{}", fixture_packages().len()),
+        "\"misses\":1".to_string(),
+        format!("\"bytes_fetched\":{}", e["SIZE"]),
+        "\"downloads_in_flight\":0".to_string(),
+        "\"entries\":1".to_string(),
+    ] {
+        assert!(text.contains(&want), "{want} not in {text}");
+    }
+    let out = Command::new(support::binpkgfs_bin())
+        .arg("status")
+        .arg("/")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a binpkgfs mount"));
+}
