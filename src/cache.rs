@@ -60,6 +60,22 @@ struct Inner {
     pins: HashMap<CacheKey, u32>,
 }
 
+impl Inner {
+    /// Forgets the least recently used entry nobody has open; the caller removes its file.
+    fn pop_lru_unpinned(&mut self) -> Option<CacheKey> {
+        let key = self
+            .lru
+            .iter()
+            .rev()
+            .map(|(k, _)| k)
+            .find(|k| !self.pins.contains_key(*k))
+            .cloned()?;
+        let size = self.lru.pop(&key).unwrap_or(0);
+        self.total -= size;
+        Some(key)
+    }
+}
+
 /// Cache usage for `status`.
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
@@ -232,24 +248,29 @@ impl Store {
         self.evict();
     }
 
+    /// Removes the least recently used unpinned entry, to make room on a full disk. `false`
+    /// when there is none.
+    pub fn evict_one(&self) -> bool {
+        let victim = self.inner.lock().unwrap().pop_lru_unpinned();
+        match victim {
+            Some(key) => {
+                warn!(%key, "cache disk full: evicting to make room");
+                let _ = fs::remove_file(self.object_path(&key));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes least recently used, unpinned entries until the total fits the limit.
     pub fn evict(&self) {
         let victims = {
             let mut inner = self.inner.lock().unwrap();
             let mut victims = Vec::new();
             while inner.total > self.limit {
-                let Some(key) = inner
-                    .lru
-                    .iter()
-                    .rev()
-                    .map(|(k, _)| k)
-                    .find(|k| !inner.pins.contains_key(*k))
-                    .cloned()
-                else {
+                let Some(key) = inner.pop_lru_unpinned() else {
                     break;
                 };
-                let size = inner.lru.pop(&key).unwrap_or(0);
-                inner.total -= size;
                 victims.push(key);
             }
             victims

@@ -29,6 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount a binhost (http://, https://, file:///) as a read-only PKGDIR.
+    #[command(args_override_self = true)]
     Mount(Box<MountArgs>),
     /// Show what a mounted binpkgfs is doing.
     Status {

@@ -30,7 +30,8 @@ use tracing::{info, warn};
 use crate::cache::Store;
 use crate::error::FsError;
 use crate::index::{CacheKey, Package, Verifier};
-use crate::remote::{Remote, chain};
+use crate::remote::{Remote, RemoteError, chain};
+use reqwest::StatusCode;
 
 /// Counters for `status`.
 #[derive(Debug, Default)]
@@ -222,67 +223,175 @@ impl Fetcher {
     /// Receives the body into `file`, publishing progress; `Ok` only for a verified file.
     /// Network reads run here; writing and hashing run on a blocking thread, so a 2-core
     /// machine receives and hashes in parallel.
+    ///
+    /// A transfer that fails for a reason a retry can fix (network error, stall, truncation,
+    /// 5xx, 404 while the binhost publishes) is resumed from the bytes already on disk, after a
+    /// backoff, at most `RETRIES` times. Resuming (never restarting) matters: readers may
+    /// already hold the first bytes, and the digest check must cover exactly the bytes they got.
     async fn receive(
         &self,
         pkg: &Package,
         file: Arc<File>,
         tx: &watch::Sender<State>,
     ) -> Result<(), String> {
-        let mut body = self.remote.open(&pkg.path).await.map_err(|e| chain(&e))?;
-        if let Some(n) = body.announced_len()
-            && n != pkg.size
-        {
-            return Err(format!(
-                "server announces {n} bytes, index SIZE is {}",
-                pkg.size
-            ));
-        }
-        let (chunks, mut rx) = mpsc::channel::<Bytes>(16);
-        let (size, digests, tx) = (pkg.size, pkg.digests.clone(), tx.clone());
-        let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut verifier = Verifier::new(&digests);
-            let mut have = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                let len = chunk.len() as u64;
-                if have + len > size {
-                    return Err(format!("server sent more than SIZE ({size} bytes)"));
-                }
-                file.write_all_at(&chunk, have)
-                    .map_err(|e| format!("writing cache file: {e}"))?;
-                verifier.update(&chunk);
-                have += len;
-                tx.send_replace(State::Receiving(have));
-            }
-            if have != size {
-                return Err(format!("truncated: got {have} of {size} bytes"));
-            }
-            verifier.finish(&digests)
-        });
-        let mut net_error = None;
-        loop {
-            match body.chunk().await {
-                Ok(Some(chunk)) => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    if chunks.send(chunk).await.is_err() {
-                        break; // the writer gave up; its error says why
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    net_error = Some(chain(&e));
-                    break;
+        let (chunks, rx) = mpsc::channel::<Bytes>(16);
+        let writer = {
+            let (size, digests, tx, store) = (
+                pkg.size,
+                pkg.digests.clone(),
+                tx.clone(),
+                self.store.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                write_and_verify(rx, &file, size, &digests, &tx, &store)
+            })
+        };
+        let mut have = 0u64;
+        let mut attempt = 0;
+        let failure = loop {
+            match self.attempt(pkg, &chunks, &mut have).await {
+                Ok(()) | Err(Failure::WriterGone) => break None,
+                Err(Failure::Fatal(e)) => break Some(e),
+                Err(Failure::Retry(e)) if attempt >= RETRIES => break Some(e),
+                Err(Failure::Retry(e)) => {
+                    attempt += 1;
+                    let backoff = BACKOFF * 2u32.pow(attempt - 1);
+                    warn!(path = %pkg.path, have, "transfer interrupted ({e}); retry {attempt}/{RETRIES} in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
                 }
             }
-        }
+        };
         drop(chunks);
         let written = writer
             .await
             .map_err(|e| format!("writer task failed: {e}"))?;
-        match (net_error, written) {
-            (Some(net), Err(_)) => Err(net),
-            (_, result) => result,
+        // Without a network-side failure, the writer's verdict (too many bytes, disk full,
+        // digests) is the answer.
+        match failure {
+            Some(f) => Err(f),
+            None => written,
+        }
+    }
+
+    /// One request, from byte `have` on; `Ok` when the body ended with the whole file sent.
+    async fn attempt(
+        &self,
+        pkg: &Package,
+        chunks: &mpsc::Sender<Bytes>,
+        have: &mut u64,
+    ) -> Result<(), Failure> {
+        let mut body = self
+            .remote
+            .open(&pkg.path, *have)
+            .await
+            .map_err(Failure::from_remote)?;
+        if let Some(n) = body.announced_len()
+            && n != pkg.size - *have
+        {
+            return Err(Failure::Fatal(format!(
+                "server announces {} bytes, index SIZE is {}",
+                n + *have,
+                pkg.size
+            )));
+        }
+        loop {
+            match body.chunk().await {
+                Ok(Some(chunk)) => {
+                    let len = chunk.len() as u64;
+                    self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    if chunks.send(chunk).await.is_err() {
+                        return Err(Failure::WriterGone);
+                    }
+                    *have += len;
+                }
+                Ok(None) if *have < pkg.size => {
+                    return Err(Failure::Retry(format!(
+                        "truncated at {} of {} bytes",
+                        *have, pkg.size
+                    )));
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Failure::Retry(chain(&e))),
+            }
+        }
+    }
+}
+
+/// How many times a transfer is resumed after a transient failure, and the first backoff
+/// (doubling each time): at most 0.5 + 1 + 2 s of waiting.
+const RETRIES: u32 = 3;
+const BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
+
+enum Failure {
+    /// The binhost may do better next time.
+    Retry(String),
+    /// The binhost is wrong about this file: retrying cannot help.
+    Fatal(String),
+    /// The writer refused more bytes; its own error says why.
+    WriterGone,
+}
+
+impl Failure {
+    fn from_remote(e: RemoteError) -> Failure {
+        let retry = match &e {
+            RemoteError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::NOT_FOUND
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            RemoteError::Http { .. } | RemoteError::Io { .. } => true,
+            RemoteError::BadUrl(_)
+            | RemoteError::BadRange { .. }
+            | RemoteError::IndexTooLarge(_) => false,
+        };
+        if retry {
+            Failure::Retry(chain(&e))
+        } else {
+            Failure::Fatal(chain(&e))
+        }
+    }
+}
+
+/// The blocking half of a transfer: appends chunks, hashes them, publishes progress, and at
+/// the end checks SIZE and every digest. Runs across all attempts of one transfer.
+fn write_and_verify(
+    mut rx: mpsc::Receiver<Bytes>,
+    file: &File,
+    size: u64,
+    digests: &crate::index::Digests,
+    tx: &watch::Sender<State>,
+    store: &Store,
+) -> Result<(), String> {
+    let mut verifier = Verifier::new(digests);
+    let mut have = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        let len = chunk.len() as u64;
+        if have + len > size {
+            return Err(format!("server sent more than SIZE ({size} bytes)"));
+        }
+        write_making_room(file, &chunk, have, store)?;
+        verifier.update(&chunk);
+        have += len;
+        tx.send_replace(State::Receiving(have));
+    }
+    if have != size {
+        return Err(format!("truncated: got {have} of {size} bytes"));
+    }
+    verifier.finish(digests)
+}
+
+/// Writes at `offset`; when the cache's disk is full, evicts unpinned entries one by one and
+/// tries again, and only gives up when nothing is left to evict.
+fn write_making_room(file: &File, data: &[u8], offset: u64, store: &Store) -> Result<(), String> {
+    loop {
+        match file.write_all_at(data, offset) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                if !store.evict_one() {
+                    return Err("cache disk full and nothing left to evict".into());
+                }
+            }
+            Err(e) => return Err(format!("writing cache file: {e}")),
         }
     }
 }

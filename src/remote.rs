@@ -36,6 +36,8 @@ pub enum RemoteError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{url}: asked to resume, got Content-Range {range:?}")]
+    BadRange { url: String, range: String },
     #[error("{0}: index larger than {MAX_INDEX_BYTES} bytes")]
     IndexTooLarge(String),
 }
@@ -187,43 +189,67 @@ impl Remote {
         }
     }
 
-    /// Starts reading one package file from its first byte.
-    pub async fn open(&self, path: &str) -> Result<Body, RemoteError> {
+    /// Starts reading one package file at byte `from` (a resumed transfer). A server that
+    /// ignores the Range request and sends the whole file is handled: the body skips `from`
+    /// bytes, so the caller always receives bytes from `from` on.
+    pub async fn open(&self, path: &str, from: u64) -> Result<Body, RemoteError> {
         match self {
             Remote::Http { base, client } => {
                 let url = Self::http_url(base, path);
-                let resp =
-                    client
-                        .get(url.clone())
-                        .send()
-                        .await
-                        .map_err(|source| RemoteError::Http {
-                            url: url.to_string(),
-                            source,
-                        })?;
-                if resp.status() != StatusCode::OK {
-                    return Err(RemoteError::Status {
-                        url: url.to_string(),
-                        status: resp.status(),
-                    });
+                let mut req = client.get(url.clone());
+                if from > 0 {
+                    req = req.header(header::RANGE, format!("bytes={from}-"));
                 }
+                let resp = req.send().await.map_err(|source| RemoteError::Http {
+                    url: url.to_string(),
+                    source,
+                })?;
+                let skip = match resp.status() {
+                    StatusCode::OK => from,
+                    StatusCode::PARTIAL_CONTENT if from > 0 => {
+                        let range = resp
+                            .headers()
+                            .get(header::CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        if !range.starts_with(&format!("bytes {from}-")) {
+                            return Err(RemoteError::BadRange {
+                                url: url.to_string(),
+                                range: range.to_string(),
+                            });
+                        }
+                        0
+                    }
+                    status => {
+                        return Err(RemoteError::Status {
+                            url: url.to_string(),
+                            status,
+                        });
+                    }
+                };
                 Ok(Body {
                     name: url.to_string(),
+                    skip,
                     inner: BodyInner::Http(resp),
                 })
             }
             Remote::File { base } => {
                 let full = base.join(path);
                 let name = full.display().to_string();
-                let file =
-                    tokio::fs::File::open(&full)
+                let io_err = |source| RemoteError::Io {
+                    path: name.clone(),
+                    source,
+                };
+                let mut file = tokio::fs::File::open(&full).await.map_err(io_err)?;
+                if from > 0 {
+                    use tokio::io::AsyncSeekExt;
+                    file.seek(std::io::SeekFrom::Start(from))
                         .await
-                        .map_err(|source| RemoteError::Io {
-                            path: name.clone(),
-                            source,
-                        })?;
+                        .map_err(io_err)?;
+                }
                 Ok(Body {
                     name,
+                    skip: 0,
                     inner: BodyInner::File(file),
                 })
             }
@@ -234,6 +260,8 @@ impl Remote {
 /// A package body being received.
 pub struct Body {
     name: String,
+    /// Bytes still to drop from the front (a 200 answer to a Range request).
+    skip: u64,
     inner: BodyInner,
 }
 
@@ -245,16 +273,32 @@ enum BodyInner {
 const FILE_CHUNK: usize = 1 << 20;
 
 impl Body {
-    /// The length the server announced, if any (checked against SIZE before any byte is kept).
+    /// How many bytes the server announced it will send from the caller's start offset, if it
+    /// said (checked against SIZE before any byte is kept).
     pub fn announced_len(&self) -> Option<u64> {
         match &self.inner {
-            BodyInner::Http(resp) => resp.content_length(),
+            BodyInner::Http(resp) => resp.content_length().map(|n| n.saturating_sub(self.skip)),
             BodyInner::File(_) => None,
         }
     }
 
     /// The next chunk, or `None` at the end of the body.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, RemoteError> {
+        loop {
+            let Some(mut chunk) = self.raw_chunk().await? else {
+                return Ok(None);
+            };
+            if self.skip >= chunk.len() as u64 {
+                self.skip -= chunk.len() as u64;
+                continue;
+            }
+            let rest = chunk.split_off(self.skip as usize);
+            self.skip = 0;
+            return Ok(Some(rest));
+        }
+    }
+
+    async fn raw_chunk(&mut self) -> Result<Option<Bytes>, RemoteError> {
         match &mut self.inner {
             BodyInner::Http(resp) => resp.chunk().await.map_err(|source| RemoteError::Http {
                 url: self.name.clone(),

@@ -1,0 +1,607 @@
+//! Servers that lie, truncate, stall or vanish, broken indexes, a full disk and a killed daemon,
+//! through real FUSE mounts of the real binary.
+//!
+//! nginx cannot misbehave on demand, so these tests use a small fault-injecting HTTP server
+//! (`Faulty`) that serves the real fixture binhost and breaks one package in a chosen way. What
+//! every case asserts is what a user would notice: the reader gets `EIO` (never a completed
+//! wrong file), within a bound, nothing wrong is kept in the cache, one warning names the file,
+//! and the same mount reads correctly once the server behaves again.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::{Mount, fixture_binhost, fixture_packages, is_mounted, wait_until};
+use tempfile::TempDir;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Fault {
+    Honest,
+    /// Announces the full length, sends this many body bytes, closes.
+    Truncate(usize),
+    /// Like `Truncate`, but only for the first request; later ones (Range) are honest.
+    TruncateOnce(usize),
+    /// Sends this many bytes, then resets the connection (RST).
+    Reset(usize),
+    /// Sends the file plus extra bytes, and a Content-Length to match.
+    Extra(usize),
+    /// Same length, one byte flipped in the middle.
+    WrongBytes,
+    /// Content-Length one more than the file, body the exact file.
+    LyingLength,
+    NotFound,
+    ServerError,
+    RedirectLoop,
+    /// Sends this many bytes, then nothing, keeping the connection open.
+    StallAfter(usize),
+}
+
+struct Faulty {
+    port: u16,
+    fault: Arc<Mutex<Fault>>,
+    /// The package the fault applies to; every other file is served honestly.
+    target: String,
+    /// "METHOD URI RANGE" of every request.
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    index: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Faulty {
+    fn start(root: &Path, target: &str, fault: Fault) -> Faulty {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = Faulty {
+            port,
+            fault: Arc::new(Mutex::new(fault)),
+            target: format!("/{target}"),
+            log: Arc::default(),
+            stop: Arc::default(),
+            index: Arc::new(Mutex::new(fs::read(root.join("Packages")).unwrap())),
+        };
+        let (root, fault, target, log, stop, index) = (
+            root.to_path_buf(),
+            server.fault.clone(),
+            server.target.clone(),
+            server.log.clone(),
+            server.stop.clone(),
+            server.index.clone(),
+        );
+        thread::spawn(move || {
+            let first = Arc::new(AtomicBool::new(true));
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let ctx = (
+                    root.clone(),
+                    fault.lock().unwrap().clone(),
+                    target.clone(),
+                    log.clone(),
+                    first.clone(),
+                    index.lock().unwrap().clone(),
+                    stop.clone(),
+                );
+                thread::spawn(move || {
+                    let _ = serve(conn, ctx);
+                });
+            }
+        });
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    fn set(&self, fault: Fault) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    fn set_index(&self, text: &[u8]) {
+        *self.index.lock().unwrap() = text.to_vec();
+    }
+
+    fn requests_for(&self, uri: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.split(' ').nth(1) == Some(uri))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+type Ctx = (
+    PathBuf,
+    Fault,
+    String,
+    Arc<Mutex<Vec<String>>>,
+    Arc<AtomicBool>,
+    Vec<u8>,
+    Arc<AtomicBool>,
+);
+
+fn serve(
+    mut conn: TcpStream,
+    (root, fault, target, log, first, index, stop): Ctx,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            range = v.trim().trim_end_matches('-').parse::<usize>().ok();
+        }
+    }
+    let mut parts = request.split_whitespace();
+    let (method, uri) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or("").to_string(),
+    );
+    log.lock()
+        .unwrap()
+        .push(format!("{method} {uri} {range:?}"));
+
+    let body = if uri == "/Packages" {
+        index
+    } else {
+        match fs::read(root.join(uri.trim_start_matches('/'))) {
+            Ok(b) => b,
+            Err(_) => return respond(&mut conn, "404 Not Found", &[], b""),
+        }
+    };
+    let fault = if uri == target { fault } else { Fault::Honest };
+    let is_first = uri == target && first.swap(false, Ordering::Relaxed);
+    let len = body.len();
+    match fault {
+        Fault::Honest => honest(&mut conn, &body, range),
+        Fault::TruncateOnce(_) if !is_first => honest(&mut conn, &body, range),
+        Fault::Truncate(n) | Fault::TruncateOnce(n) => respond(
+            &mut conn,
+            "200 OK",
+            &[("Content-Length", len.to_string())],
+            &body[..n],
+        ),
+        Fault::Reset(n) => {
+            write_head(&mut conn, "200 OK", &[("Content-Length", len.to_string())])?;
+            conn.write_all(&body[..n])?;
+            // SO_LINGER 0 makes close() send RST.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            unsafe {
+                libc::setsockopt(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&conn),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as u32,
+                )
+            };
+            Ok(())
+        }
+        Fault::Extra(n) => {
+            let mut more = body.clone();
+            more.extend(std::iter::repeat_n(0x55, n));
+            respond(
+                &mut conn,
+                "200 OK",
+                &[("Content-Length", more.len().to_string())],
+                &more,
+            )
+        }
+        Fault::WrongBytes => {
+            let mut wrong = body.clone();
+            wrong[len / 2] ^= 0x01;
+            respond(
+                &mut conn,
+                "200 OK",
+                &[("Content-Length", len.to_string())],
+                &wrong,
+            )
+        }
+        Fault::LyingLength => respond(
+            &mut conn,
+            "200 OK",
+            &[("Content-Length", (len + 1).to_string())],
+            &body,
+        ),
+        Fault::NotFound => respond(&mut conn, "404 Not Found", &[], b""),
+        Fault::ServerError => respond(&mut conn, "503 Service Unavailable", &[], b""),
+        Fault::RedirectLoop => respond(&mut conn, "302 Found", &[("Location", uri.clone())], b""),
+        Fault::StallAfter(n) => {
+            write_head(&mut conn, "200 OK", &[("Content-Length", len.to_string())])?;
+            conn.write_all(&body[..n])?;
+            conn.flush()?;
+            // Hold the connection open, sending nothing, until the client gives up or we stop.
+            let mut buf = [0u8; 1];
+            conn.set_read_timeout(Some(Duration::from_millis(200)))?;
+            while !stop.load(Ordering::Relaxed) {
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn honest(conn: &mut TcpStream, body: &[u8], range: Option<usize>) -> std::io::Result<()> {
+    match range {
+        Some(from) if from < body.len() => respond(
+            conn,
+            "206 Partial Content",
+            &[
+                ("Content-Length", (body.len() - from).to_string()),
+                (
+                    "Content-Range",
+                    format!("bytes {from}-{}/{}", body.len() - 1, body.len()),
+                ),
+            ],
+            &body[from..],
+        ),
+        _ => respond(
+            conn,
+            "200 OK",
+            &[("Content-Length", body.len().to_string())],
+            body,
+        ),
+    }
+}
+
+fn write_head(
+    conn: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    conn.write_all(head.as_bytes())
+}
+
+fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut headers = headers.to_vec();
+    if !headers.iter().any(|(k, _)| *k == "Content-Length") {
+        headers.push(("Content-Length", body.len().to_string()));
+    }
+    write_head(conn, status, &headers)?;
+    let _ = conn.write_all(body);
+    let _ = conn.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// The largest fixture package (about 1 MiB), so faults land mid-body.
+fn big() -> support::IndexEntry {
+    fixture_packages()
+        .into_iter()
+        .max_by_key(|e| e["SIZE"].parse::<u64>().unwrap())
+        .unwrap()
+}
+
+fn dir_len(p: &Path) -> usize {
+    fs::read_dir(p).map_or(0, |d| d.count())
+}
+
+struct Case {
+    cache: TempDir,
+    log: TempDir,
+    server: Faulty,
+    mount: Mount,
+}
+
+fn mount_with(fault: Fault, extra: &[&str]) -> Case {
+    support::require_real_parts();
+    let server = Faulty::start(&fixture_binhost(), &big()["PATH"], fault);
+    let cache = TempDir::with_prefix("binpkgfs-cache.").unwrap();
+    let log = TempDir::with_prefix("binpkgfs-log.").unwrap();
+    let log_file = log.path().join("log");
+    let mut args = vec![
+        "--stall-timeout",
+        "2",
+        "--log-file",
+        log_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mount = Mount::new(&server.url(), cache.path(), &args).unwrap();
+    Case {
+        cache,
+        log,
+        server,
+        mount,
+    }
+}
+
+impl Case {
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.log.path().join("log")).unwrap_or_default()
+    }
+}
+
+#[test]
+fn every_lying_or_broken_server_gets_eio_and_nothing_is_cached() {
+    let e = big();
+    let want = fs::read(fixture_binhost().join(&e["PATH"])).unwrap();
+    let cases = [
+        (
+            Fault::Truncate(300_000),
+            "end of file before message length",
+        ),
+        (Fault::Reset(300_000), "transfer interrupted"),
+        (Fault::Extra(10), "server announces"),
+        (Fault::WrongBytes, "SHA1 mismatch"),
+        (Fault::LyingLength, "server announces"),
+        (Fault::NotFound, "404"),
+        (Fault::ServerError, "503"),
+        (Fault::RedirectLoop, "redirect"),
+        (Fault::StallAfter(300_000), "download failed"),
+    ];
+    for (fault, says) in cases {
+        let case = mount_with(fault.clone(), &[]);
+        let file = case.mount.path().join(&e["PATH"]);
+        let started = Instant::now();
+        let err = fs::read(&file).expect_err(&format!("{fault:?}: read succeeded"));
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{fault:?}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            dir_len(&case.cache.path().join("objects")),
+            0,
+            "{fault:?}: kept a bad file"
+        );
+        let gone = wait_until(Duration::from_secs(5), || {
+            dir_len(&case.cache.path().join("partial")) == 0
+        });
+        assert!(gone, "{fault:?}: partial left behind");
+        let log = case.log_text();
+        assert!(
+            log.contains("download failed") && log.contains(&*e["PATH"]) && log.contains(says),
+            "{fault:?}: log lacks {says:?}:\n{log}"
+        );
+        assert_eq!(
+            log.matches("download failed").count(),
+            1,
+            "{fault:?}: logged more than once"
+        );
+
+        // The binhost recovers; the same mount now serves the file.
+        case.server.set(Fault::Honest);
+        assert!(
+            fs::read(&file).unwrap() == want,
+            "{fault:?}: wrong bytes after recovery"
+        );
+    }
+}
+
+#[test]
+fn an_interrupted_transfer_resumes_where_it_stopped() {
+    let e = big();
+    let case = mount_with(Fault::TruncateOnce(400_000), &[]);
+    let got = fs::read(case.mount.path().join(&e["PATH"])).unwrap();
+    assert!(got == fs::read(fixture_binhost().join(&e["PATH"])).unwrap());
+    let reqs = case.server.requests_for(&format!("/{}", e["PATH"]));
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert!(
+        reqs[1].ends_with("Some(400000)"),
+        "resumed with a Range request: {reqs:?}"
+    );
+}
+
+#[test]
+fn early_bytes_are_served_before_the_transfer_ends_and_a_stall_ends_in_eio() {
+    let e = big();
+    let case = mount_with(Fault::StallAfter(600_000), &[]);
+    let mut f = fs::File::open(case.mount.path().join(&e["PATH"])).unwrap();
+    let started = Instant::now();
+    let mut head = vec![0u8; 4096];
+    f.read_exact(&mut head).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "head waited {:?}",
+        started.elapsed()
+    );
+    let want = fs::read(fixture_binhost().join(&e["PATH"])).unwrap();
+    assert!(head == want[..4096]);
+    let mut rest = Vec::new();
+    let err = f.read_to_end(&mut rest).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn sigkill_mid_download_leaves_a_cache_that_serves_only_correct_bytes() {
+    let e = big();
+    let mut case = mount_with(Fault::StallAfter(500_000), &["--stall-timeout", "60"]);
+    let mut f = fs::File::open(case.mount.path().join(&e["PATH"])).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact(&mut head).unwrap();
+    assert_eq!(dir_len(&case.cache.path().join("partial")), 1);
+    unsafe { libc::kill(case.mount.pid(), libc::SIGKILL) };
+    case.mount.wait_for_exit(Duration::from_secs(10)).unwrap();
+    drop(f);
+    let status = Command::new("umount")
+        .arg("-l")
+        .arg(case.mount.path())
+        .status()
+        .unwrap();
+    assert!(status.success() && !is_mounted(case.mount.path()));
+
+    case.server.set(Fault::Honest);
+    let mount = Mount::new(&case.server.url(), case.cache.path(), &[]).unwrap();
+    assert_eq!(
+        dir_len(&case.cache.path().join("partial")),
+        0,
+        "leftover partial not cleaned"
+    );
+    for p in fixture_packages() {
+        let got = fs::read(mount.path().join(&p["PATH"])).unwrap();
+        assert!(
+            got == fs::read(fixture_binhost().join(&p["PATH"])).unwrap(),
+            "{}",
+            p["PATH"]
+        );
+    }
+}
+
+/// A small tmpfs as the cache's disk, unmounted on drop.
+struct Tmpfs(TempDir);
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let dir = TempDir::with_prefix("binpkgfs-tmpfs.").unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_cache_disk_evicts_to_make_room_or_fails_cleanly() {
+    support::require_real_parts();
+    let server = Faulty::start(&fixture_binhost(), "none", Fault::Honest);
+    let logs = TempDir::new().unwrap();
+    let log = logs.path().join("log");
+    let packages = fixture_packages();
+    let big = big();
+
+    // Room for the big package and a little more: reading the rest must evict it.
+    let disk = Tmpfs::new("1100k");
+    let args = ["--cache-size", "1G", "--log-file", log.to_str().unwrap()];
+    let mut mount = Mount::new(&server.url(), disk.0.path(), &args).unwrap();
+    for p in packages
+        .iter()
+        .filter(|p| p["PATH"] == big["PATH"])
+        .chain(&packages)
+    {
+        let got = fs::read(mount.path().join(&p["PATH"])).unwrap();
+        assert!(
+            got == fs::read(fixture_binhost().join(&p["PATH"])).unwrap(),
+            "{}",
+            p["PATH"]
+        );
+    }
+    assert!(
+        fs::read_to_string(&log)
+            .unwrap()
+            .contains("cache disk full: evicting")
+    );
+    mount.unmount().unwrap();
+
+    // No room at all: EIO, one clear line, nothing half-written left.
+    let disk = Tmpfs::new("256k");
+    let mount = Mount::new(&server.url(), disk.0.path(), &args).unwrap();
+    let err = fs::read(mount.path().join(&big["PATH"])).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(
+        fs::read_to_string(&log)
+            .unwrap()
+            .contains("cache disk full and nothing left to evict")
+    );
+    assert_eq!(dir_len(&disk.0.path().join("objects")), 0);
+    assert!(wait_until(Duration::from_secs(5), || dir_len(
+        &disk.0.path().join("partial")
+    ) == 0));
+}
+
+#[test]
+fn broken_indexes_are_clear_errors_and_hostile_paths_are_refused() {
+    support::require_real_parts();
+    let server = Faulty::start(&fixture_binhost(), "none", Fault::Honest);
+    for (index, says) in [
+        (&b"garbage without colons\n"[..], "malformed"),
+        (&b""[..], "index is empty"),
+        (&b"VERSION: 7\n\n"[..], "VERSION 7"),
+        (&b"PACKAGES: 1\n\0\0\0"[..], "not text"),
+    ] {
+        server.set_index(index);
+        let cache = TempDir::new().unwrap();
+        let err = Mount::new(&server.url(), cache.path(), &[])
+            .err()
+            .expect("mounted a broken index");
+        assert!(
+            err.contains(says) && err.lines().count() == 1,
+            "{says}: {err}"
+        );
+    }
+
+    let good = fs::read_to_string(fixture_binhost().join("Packages")).unwrap();
+    let hostile = [
+        "/etc/passwd",
+        "../../../etc/shadow",
+        "a/../../b.gpkg.tar",
+        "x//y.gpkg.tar",
+    ];
+    let mut text = good.clone();
+    for p in hostile {
+        text += &format!("CPV: evil/x-1\nPATH: {p}\nSIZE: 10\nMTIME: 1\n\n");
+    }
+    server.set_index(text.as_bytes());
+    let cache = TempDir::new().unwrap();
+    let logs = TempDir::new().unwrap();
+    let log = logs.path().join("log");
+    let mount = Mount::new(
+        &server.url(),
+        cache.path(),
+        &["--log-file", log.to_str().unwrap()],
+    )
+    .unwrap();
+    let files = support::list_files(mount.path());
+    assert_eq!(files.len(), fixture_packages().len() + 1, "{files:?}");
+    let log = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        log.matches("refusing index entry").count(),
+        hostile.len(),
+        "{log}"
+    );
+}
