@@ -578,3 +578,73 @@ mod tests {
         }
     }
 }
+
+/// Property tests: the parser is fed arbitrary bytes and arbitrary index-shaped text. It may
+/// refuse, never panic, and whatever it accepts is safe to place under the mount point.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::namespace::Namespace;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn line() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("CPV".to_string()),
+            Just("PATH".to_string()),
+            Just("SIZE".to_string()),
+            Just("MTIME".to_string()),
+            Just("SHA1".to_string()),
+            Just("MD5".to_string()),
+            Just("TIMESTAMP".to_string()),
+            Just("VERSION".to_string()),
+            Just("TTL".to_string()),
+            Just("BUILD_ID".to_string()),
+            "[A-Z_]{1,8}",
+        ];
+        let value = prop_oneof![
+            "[a-z0-9./+_-]{0,40}",
+            "(\\.\\./|/|//|\\./)?[a-z]{1,5}(/[a-z.]{0,5}){0,4}",
+            "-?[0-9]{1,22}",
+            "[0-9a-f]{32}|[0-9a-f]{40}",
+            any::<String>(),
+        ];
+        (key, value, prop_oneof![Just(": "), Just(":"), Just(":  ")])
+            .prop_map(|(k, v, sep)| format!("{k}{sep}{v}"))
+    }
+
+    fn index_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::collection::vec(line(), 0..8), 0..12).prop_map(|blocks| {
+            blocks
+                .into_iter()
+                .map(|b| b.join("\n"))
+                .collect::<Vec<_>>()
+                .join("\n\n")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = Index::parse(Bytes::from(raw));
+        }
+
+        #[test]
+        fn accepted_entries_are_safe_and_reachable(text in index_text()) {
+            let Ok(index) = Index::parse(Bytes::from(text)) else { return Ok(()) };
+            for p in &index.packages {
+                prop_assert!(check_path(&p.path).is_ok(), "{}", p.path);
+            }
+            let index = Arc::new(index);
+            let (ns, collisions) = Namespace::build(index.clone());
+            let placed = index.packages.len() - collisions.len();
+            // Every placed package is reachable by its PATH, and nothing else appears.
+            let reachable = index.packages.iter().filter(|p| {
+                ns.resolve(&p.path).and_then(|n| ns.package(n)).is_some_and(|q| q.path == p.path)
+            }).count();
+            prop_assert!(reachable >= placed);
+        }
+    }
+}
