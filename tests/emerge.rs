@@ -10,7 +10,7 @@ mod support;
 use std::fs;
 
 use support::{
-    LogLine, Mount, Nginx, PortageSandbox, copy_fixture_binhost, extract_gpkg_image,
+    IndexEntry, LogLine, Mount, Nginx, PortageSandbox, copy_fixture_binhost, extract_gpkg_image,
     fixture_binhost, fixture_packages, is_mounted, list_files, require_real_parts,
 };
 use tempfile::TempDir;
@@ -22,21 +22,50 @@ const CHAIN: [&str; 3] = [
     "sys-apps/demo-base-1.0",
 ];
 
+/// A copy of the fixture binhost, served by nginx, mounted by binpkgfs.
+struct Served {
+    // Field order is drop order: unmount before nginx stops.
+    mount: Mount,
+    nginx: Nginx,
+    _cache: TempDir,
+    _binhost: TempDir,
+}
+
+impl Served {
+    fn new() -> Served {
+        require_real_parts();
+        let binhost = TempDir::new().unwrap();
+        copy_fixture_binhost(binhost.path());
+        let nginx = Nginx::start(binhost.path());
+        let cache = TempDir::new().unwrap();
+        let mount = Mount::new(&nginx.url(), cache.path(), &[])
+            .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
+        Served {
+            mount,
+            nginx,
+            _cache: cache,
+            _binhost: binhost,
+        }
+    }
+}
+
+fn entry_for(cpv: &str) -> IndexEntry {
+    fixture_packages()
+        .into_iter()
+        .find(|entry| entry["CPV"] == cpv)
+        .unwrap_or_else(|| panic!("{cpv} is not in the fixture binhost"))
+}
+
 fn is_index(line: &LogLine) -> bool {
     matches!(line.uri.as_str(), "/Packages" | "/Packages.gz")
 }
 
 #[test]
 fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
-    require_real_parts();
-    let binhost = TempDir::new().unwrap();
-    copy_fixture_binhost(binhost.path());
-    let nginx = Nginx::start(binhost.path());
-    let cache = TempDir::new().unwrap();
-    let mut mount = Mount::new(&nginx.url(), cache.path(), &[])
-        .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
-    let mountpoint = mount.path().to_owned();
-    let daemon = mount.pid();
+    let mut served = Served::new();
+    let nginx = &served.nginx;
+    let mountpoint = served.mount.path().to_owned();
+    let daemon = served.mount.pid();
     let sandbox = PortageSandbox::new(&mountpoint);
 
     // (a) Dependency calculation trusts the index and opens no package file.
@@ -68,54 +97,47 @@ fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
     sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/binpkgfs-demo"]);
     assert_eq!(sandbox.installed(), CHAIN.map(String::from).to_vec());
 
+    let (chain, others): (Vec<IndexEntry>, Vec<IndexEntry>) = fixture_packages()
+        .into_iter()
+        .partition(|entry| CHAIN.contains(&entry["CPV"].as_str()));
+    assert_eq!(
+        chain.len(),
+        CHAIN.len(),
+        "the fixture lacks part of the chain"
+    );
     let requests = nginx.requests();
-    for entry in fixture_packages() {
+    let fetches_of = |entry: &IndexEntry| -> Vec<LogLine> {
         let uri = format!("/{}", entry["PATH"]);
-        let cpv = &entry["CPV"];
-        let fetches: Vec<&LogLine> = requests.iter().filter(|line| line.uri == uri).collect();
-        if CHAIN.iter().any(|cpf| cpf == cpv) {
-            let size: u64 = entry["SIZE"].parse().unwrap();
-            assert!(
-                matches!(fetches.as_slice(), [only]
-                    if only.method == "GET" && only.status == 200 && only.bytes_sent == size),
-                "{uri} ({size} bytes) should be fetched exactly once, whole (GET 200), \
-                 during the install; nginx logged: {fetches:#?}"
-            );
-        } else {
-            assert!(
-                fetches.is_empty(),
-                "{uri} is not part of the install but was fetched: {fetches:#?}"
-            );
-        }
+        requests
+            .iter()
+            .filter(|line| line.uri == uri)
+            .cloned()
+            .collect()
+    };
+    for entry in &chain {
+        let size: u64 = entry["SIZE"].parse().unwrap();
+        let fetches = fetches_of(entry);
+        assert!(
+            matches!(fetches.as_slice(), [only]
+                if only.method == "GET" && only.status == 200 && only.bytes_sent == size),
+            "{} ({size} bytes) should be fetched exactly once, whole (GET 200), \
+             during the install; nginx logged: {fetches:#?}",
+            entry["PATH"]
+        );
+        assert_installed_as_packaged(&sandbox, entry);
     }
-
-    for entry in fixture_packages() {
-        let cpv = &entry["CPV"];
-        if !CHAIN.iter().any(|cpf| cpf == cpv) {
-            continue;
-        }
-        let unpacked = TempDir::new().unwrap();
-        let image = extract_gpkg_image(&fixture_binhost().join(&entry["PATH"]), unpacked.path());
-        let files = list_files(&image);
-        assert!(!files.is_empty(), "{cpv}: the fixture's image has no files");
-        for file in files {
-            let installed = sandbox.root().join(&file);
-            let got = fs::read(&installed).unwrap_or_else(|err| {
-                panic!("{cpv}: {} not installed: {err}", installed.display())
-            });
-            let want = fs::read(image.join(&file)).unwrap();
-            assert!(
-                got == want,
-                "{cpv}: {} differs from the package's image ({} vs {} bytes)",
-                file.display(),
-                got.len(),
-                want.len()
-            );
-        }
+    for entry in &others {
+        let fetches = fetches_of(entry);
+        assert!(
+            fetches.is_empty(),
+            "{} is not part of the install but was fetched: {fetches:#?}",
+            entry["PATH"]
+        );
     }
 
     // (c) Unmounting leaves no mount and no daemon.
-    mount
+    served
+        .mount
         .unmount()
         .unwrap_or_else(|err| panic!("unmount failed: {err}"));
     assert!(
@@ -127,4 +149,68 @@ fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
         !support::process_alive(daemon),
         "binpkgfs daemon {daemon} survived the unmount"
     );
+}
+
+/// With `FEATURES=-pkgdir-index-trusted` Portage stats every package file and
+/// reads its metadata: the mount must report the index's size and mtime and
+/// serve exact bytes, or emerge renames files aside (EROFS) and dies. The
+/// incompressible 1 MiB package then installs byte for byte, and no package
+/// crosses the network twice.
+#[test]
+fn untrusted_index_scan_and_an_incompressible_package_install_byte_for_byte() {
+    let served = Served::new();
+    let mut sandbox = PortageSandbox::new(served.mount.path());
+    sandbox.add_feature("-pkgdir-index-trusted");
+
+    let pretend = sandbox.emerge_ok(&["--pretend", "--usepkgonly", "app-misc/binpkgfs-demo"]);
+    let stdout = String::from_utf8_lossy(&pretend.stdout);
+    for cpf in CHAIN {
+        assert!(
+            stdout.contains(cpf),
+            "emerge --pretend does not plan {cpf}:\n{stdout}"
+        );
+    }
+
+    sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-data"]);
+    assert_eq!(sandbox.installed(), ["app-misc/demo-data-1.0"]);
+    assert_installed_as_packaged(&sandbox, &entry_for("app-misc/demo-data-1.0"));
+
+    for entry in fixture_packages() {
+        let uri = format!("/{}", entry["PATH"]);
+        let whole: u64 = entry["SIZE"].parse().unwrap();
+        let sent: u64 = served
+            .nginx
+            .requests()
+            .iter()
+            .filter(|line| line.uri == uri)
+            .map(|line| line.bytes_sent)
+            .sum();
+        assert!(
+            sent <= whole,
+            "{uri}: nginx sent {sent} bytes of a {whole}-byte file; it crossed the network twice"
+        );
+    }
+}
+
+/// Every file in the package's image (extracted from the committed fixture
+/// with `tar` and `zstd`) was installed under the sandbox with identical bytes.
+fn assert_installed_as_packaged(sandbox: &PortageSandbox, entry: &IndexEntry) {
+    let cpv = &entry["CPV"];
+    let unpacked = TempDir::new().unwrap();
+    let image = extract_gpkg_image(&fixture_binhost().join(&entry["PATH"]), unpacked.path());
+    let files = list_files(&image);
+    assert!(!files.is_empty(), "{cpv}: the fixture's image has no files");
+    for file in files {
+        let installed = sandbox.root().join(&file);
+        let got = fs::read(&installed)
+            .unwrap_or_else(|err| panic!("{cpv}: {} not installed: {err}", installed.display()));
+        let want = fs::read(image.join(&file)).unwrap();
+        assert!(
+            got == want,
+            "{cpv}: {} differs from the package's image ({} vs {} bytes)",
+            file.display(),
+            got.len(),
+            want.len()
+        );
+    }
 }
