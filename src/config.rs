@@ -31,6 +31,9 @@ pub enum Command {
     /// Mount a binhost (http://, https://, file:///) as a read-only PKGDIR.
     #[command(args_override_self = true)]
     Mount(Box<MountArgs>),
+    /// Mount the built-in binhost (shipped in the source tree) at a temporary directory,
+    /// read every package through it, and unmount: the main job, no server needed.
+    Demo,
     /// Show what a mounted binpkgfs is doing.
     Status {
         /// Print JSON for scripts.

@@ -9,6 +9,7 @@
 mod cache;
 mod config;
 mod daemon;
+mod demo;
 mod error;
 mod fetch;
 mod fs;
@@ -27,6 +28,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount(args) => MountConfig::from_args(*args).and_then(daemon::mount),
+        Command::Demo => demo::run(),
         Command::Status { json, mountpoint } => status::read(&mountpoint).map(|v| {
             if json {
                 println!("{v}");

@@ -476,3 +476,32 @@ fn status_reports_the_mount() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a binpkgfs mount"));
 }
+
+#[test]
+fn demo_mounts_the_builtin_binhost_reads_every_package_and_cleans_up() {
+    support::require_real_parts();
+    let out = Command::new(support::binpkgfs_bin())
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in fixture_packages() {
+        let pf = e["CPV"].rsplit('/').next().unwrap().to_string();
+        assert!(
+            stdout.contains(&e["PATH"]) && stdout.contains(&pf),
+            "{pf} missing:\n{stdout}"
+        );
+    }
+    let misses = format!("{} misses", fixture_packages().len());
+    assert!(stdout.contains(&misses), "{stdout}");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("binpkgfs-demo."),
+        "demo left a mount behind"
+    );
+}
