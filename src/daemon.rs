@@ -204,7 +204,14 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     ))?);
     let fetcher = Arc::new(Fetcher::new(remote, store));
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
-    let fs = BinpkgFs::new(lifecycle.ns.clone(), fetcher, rt.handle().clone(), status);
+    let ttl = crate::fs::attr_ttl(cfg.index_ttl);
+    let fs = BinpkgFs::new(
+        lifecycle.ns.clone(),
+        fetcher,
+        rt.handle().clone(),
+        ttl,
+        status,
+    );
 
     let mut options = vec![
         MountOption::FSName(cfg.url.clone()),

@@ -14,8 +14,6 @@ use tracing::Level;
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,
-    #[error("not a directory")]
-    NotDir,
     #[error("is a directory")]
     IsDir,
     #[error("read-only file system")]
@@ -36,7 +34,6 @@ impl FsError {
     pub fn errno(&self) -> Errno {
         match self {
             FsError::NotFound => Errno::ENOENT,
-            FsError::NotDir => Errno::ENOTDIR,
             FsError::IsDir => Errno::EISDIR,
             FsError::ReadOnly => Errno::EROFS,
             FsError::BadHandle => Errno::EBADF,
@@ -48,7 +45,7 @@ impl FsError {
 
     pub fn level(&self) -> Level {
         match self {
-            FsError::NotFound | FsError::NotDir | FsError::IsDir | FsError::NoAttr => Level::DEBUG,
+            FsError::NotFound | FsError::IsDir | FsError::NoAttr => Level::DEBUG,
             FsError::ReadOnly | FsError::BadHandle | FsError::Fetch { .. } => Level::DEBUG,
             FsError::Cache(_) => Level::WARN,
         }

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{Instrument, debug_span, event};
 
@@ -28,9 +28,12 @@ use crate::error::FsError;
 use crate::fetch::{Blob, Fetcher};
 use crate::namespace::{Attr, Namespace, NodeKind};
 
-/// How long the kernel may cache names and attributes. Short, so a refreshed index shows
-/// within a second; inode numbers carry content identity, so a stale entry is never wrong bytes.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache names and attributes: a quarter of the index TTL, at most a
+/// minute, so a withdrawn file disappears within 1.25 refresh intervals. A stale entry can
+/// never mean wrong bytes: inode numbers carry content identity.
+pub fn attr_ttl(index_ttl: Duration) -> Duration {
+    (index_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
 /// The extended attribute on the mount's root that `binpkgfs status` reads.
 pub const STATUS_XATTR: &str = "user.binpkgfs.status";
 
@@ -48,6 +51,7 @@ pub struct BinpkgFs {
     rt: tokio::runtime::Handle,
     handles: Mutex<HashMap<u64, Arc<Open>>>,
     next_fh: AtomicU64,
+    ttl: Duration,
     status: Box<dyn Fn() -> String + Send + Sync>,
 }
 
@@ -56,6 +60,7 @@ impl BinpkgFs {
         ns: SharedNamespace,
         fetcher: Arc<Fetcher>,
         rt: tokio::runtime::Handle,
+        ttl: Duration,
         status: Box<dyn Fn() -> String + Send + Sync>,
     ) -> Self {
         BinpkgFs {
@@ -64,6 +69,7 @@ impl BinpkgFs {
             rt,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            ttl,
             status,
         }
     }
@@ -137,6 +143,27 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Feeds a directory's entries from `offset` on to `add` (which returns true when the reply is
+/// full). Offsets are "index of the next entry": 1 after ".", 2 after "..", 3.. after children.
+fn entries(
+    ns: &Namespace,
+    ino: u64,
+    offset: u64,
+    mut add: impl FnMut(u64, &Attr, &str) -> bool,
+) -> Result<(), FsError> {
+    let (parent, children) = ns.dir(ino).ok_or(FsError::NotFound)?;
+    let attr_of = |ino| ns.node(ino).map(|n| ns.attr(n));
+    let dots = [(attr_of(ino), "."), (attr_of(parent), "..")];
+    let dots = dots.into_iter().filter_map(|(a, name)| Some((a?, name)));
+    let all = dots.chain(children.map(|n| (ns.attr(n), &*n.name)));
+    for (i, (attr, name)) in all.enumerate().skip(offset as usize) {
+        if add(i as u64, &attr, name) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Logs a failed request at the error's own level and returns its errno.
 fn fail(err: FsError) -> Errno {
     match err.level() {
@@ -150,6 +177,10 @@ impl Filesystem for BinpkgFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large reads cut per-request overhead for Portage's whole-file digest pass.
         let _ = config.set_max_readahead(1 << 20);
+        // A tree walk is request-bound: READDIRPLUS returns attributes with the names (no
+        // LOOKUP per entry), and with no-opendir support the kernel skips OPENDIR/RELEASEDIR.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())
     }
 
@@ -161,7 +192,7 @@ impl Filesystem for BinpkgFs {
             .and_then(|n| ns.lookup(parent.0, n))
             .map(|node| ns.attr(node));
         match found {
-            Some(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Some(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             None => reply.error(fail(FsError::NotFound)),
         }
     }
@@ -173,11 +204,11 @@ impl Filesystem for BinpkgFs {
             && let Ok(open) = self.handle(fh)
             && let Open::Package { attr, .. } = &*open
         {
-            return reply.attr(&TTL, &file_attr(attr));
+            return reply.attr(&self.ttl, &file_attr(attr));
         }
         let ns = self.snapshot();
         match ns.node(ino.0) {
-            Some(node) => reply.attr(&TTL, &file_attr(&ns.attr(node))),
+            Some(node) => reply.attr(&self.ttl, &file_attr(&ns.attr(node))),
             None => reply.error(fail(FsError::NotFound)),
         }
     }
@@ -261,13 +292,10 @@ impl Filesystem for BinpkgFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ns = self.snapshot();
-        match ns.node(ino.0).map(|n| &n.kind) {
-            Some(NodeKind::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Some(_) => reply.error(fail(FsError::NotDir)),
-            None => reply.error(fail(FsError::NotFound)),
-        }
+    /// `ENOSYS` tells the kernel we keep no directory state, so it stops sending OPENDIR and
+    /// RELEASEDIR (two requests per directory in a walk). Directories are stateless here.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -280,27 +308,45 @@ impl Filesystem for BinpkgFs {
     ) {
         let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
         let ns = self.snapshot();
-        let Some((parent, children)) = ns.dir(ino.0) else {
-            return reply.error(fail(FsError::NotFound));
-        };
-        // Offsets are "index of the next entry": 1 after ".", 2 after "..", 3.. after children.
-        let dots = [
-            (ino.0, FileType::Directory, "."),
-            (parent, FileType::Directory, ".."),
-        ];
-        let entries = dots.into_iter().chain(children.map(|n| {
-            let kind = match n.kind {
-                NodeKind::Dir(_) => FileType::Directory,
-                _ => FileType::RegularFile,
+        let full = entries(&ns, ino.0, offset, |i, a, name| {
+            let kind = if a.is_dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
             };
-            (n.ino, kind, &*n.name)
-        }));
-        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
-                break;
-            }
+            reply.add(INodeNo(a.ino), i + 1, kind, name)
+        });
+        match full {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(e)),
         }
-        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let _s = debug_span!("readdirplus", req = req.unique().0, ino = ino.0, offset).entered();
+        let ns = self.snapshot();
+        let ttl = self.ttl;
+        let full = entries(&ns, ino.0, offset, |i, a, name| {
+            reply.add(
+                INodeNo(a.ino),
+                i + 1,
+                name,
+                &ttl,
+                &file_attr(a),
+                Generation(0),
+            )
+        });
+        match full {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
