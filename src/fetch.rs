@@ -20,7 +20,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -31,6 +31,7 @@ use crate::cache::Store;
 use crate::error::FsError;
 use crate::index::{CacheKey, Package, Verifier};
 use crate::remote::{Remote, RemoteError, chain};
+use crate::sparse::Sparse;
 use reqwest::StatusCode;
 
 /// Counters for `status`.
@@ -45,6 +46,8 @@ pub struct Stats {
 
 #[derive(Debug, Clone)]
 enum State {
+    /// No whole transfer yet: reads are served by ranged fetches (large files only).
+    Sparse,
     /// Bytes `0..n` are on disk.
     Receiving(u64),
     /// Whole file on disk and verified.
@@ -52,47 +55,151 @@ enum State {
     Failed(Arc<str>),
 }
 
+/// Files up to this size are fetched whole on first open: ranged reads would save little.
+const WHOLE_BELOW: u64 = 2 << 20;
+/// A sparse file is promoted to a whole transfer once readers hold its first this-many bytes
+/// without a gap. That is the pattern of Portage's digest pass and of every whole-file reader;
+/// a metadata scan reads the first header, the metadata member (a few KiB) and the tail, so it
+/// stays ranged.
+const PROMOTE_AFTER: u64 = 1 << 20;
+
 /// The bytes of one package as seen by its readers; shared by every open handle of the file.
 pub struct Blob {
     key: CacheKey,
-    path: Box<str>,
-    size: u64,
-    file: File,
+    pkg: Package,
+    fetcher: Weak<Fetcher>,
+    /// The whole file: the partial being received, then the verified object. Unset while the
+    /// blob is sparse.
+    file: OnceLock<Arc<File>>,
     state: watch::Receiver<State>,
+    /// Held until promotion hands it to the whole transfer.
+    tx: Mutex<Option<watch::Sender<State>>>,
+    sparse: Option<Sparse>,
     store: Arc<Store>,
 }
 
 impl Blob {
     /// Reads `size` bytes at `offset`, waiting only as long as the bytes are not there yet.
-    pub async fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        if offset >= self.size {
+    pub async fn read(self: &Arc<Self>, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        if offset >= self.pkg.size {
             return Ok(Vec::new());
         }
-        let end = self.size.min(offset + u64::from(size));
-        let wants_last_byte = end == self.size;
+        let end = self.pkg.size.min(offset + u64::from(size));
+        if let Some(data) = self.read_sparse(offset, end).await? {
+            return Ok(data);
+        }
+        let wants_last_byte = end == self.pkg.size;
         let mut rx = self.state.clone();
         let ready = rx
             .wait_for(|s| match s {
                 State::Receiving(have) => !wants_last_byte && *have >= end,
                 State::Complete | State::Failed(_) => true,
+                State::Sparse => false,
             })
             .await
             .map(|s| s.clone());
         match ready {
-            Ok(State::Failed(reason)) => Err(FsError::Fetch {
-                path: self.path.to_string(),
-                reason: reason.to_string(),
-            }),
+            Ok(State::Failed(reason)) => Err(self.error(&reason)),
             Ok(_) => {
+                let file = self.file.get().expect("set before any byte is published");
                 let mut buf = vec![0u8; (end - offset) as usize];
-                self.file.read_exact_at(&mut buf, offset)?;
+                file.read_exact_at(&mut buf, offset)?;
                 Ok(buf)
             }
-            Err(_) => Err(FsError::Fetch {
-                path: self.path.to_string(),
-                reason: "transfer ended without a result".into(),
-            }),
+            Err(_) => Err(self.error("transfer ended without a result")),
         }
+    }
+
+    /// Serves a read by ranged fetches while the blob is sparse; `None` once it is (or has to
+    /// become) a whole transfer.
+    async fn read_sparse(
+        self: &Arc<Self>,
+        offset: u64,
+        end: u64,
+    ) -> Result<Option<Vec<u8>>, FsError> {
+        let Some(sparse) = &self.sparse else {
+            return Ok(None);
+        };
+        if !matches!(*self.state.borrow(), State::Sparse) {
+            return Ok(None);
+        }
+        let Some(fetcher) = self.fetcher.upgrade() else {
+            return Err(self.error("shutting down"));
+        };
+        let fetched = &fetcher.stats.bytes_fetched;
+        let data = sparse
+            .read(
+                &fetcher.remote,
+                &self.pkg.path,
+                self.pkg.size,
+                (offset, end),
+                fetched,
+            )
+            .await
+            .map_err(|reason| {
+                warn!(path = %self.pkg.path, "ranged read failed: {reason}");
+                self.error(&reason)
+            })?;
+        if data.is_none() || sparse.prefix_len() >= PROMOTE_AFTER {
+            // A whole-file reader (or a server without ranges): fetch it all, verified.
+            self.promote()?;
+        }
+        Ok(data)
+    }
+
+    /// Starts the whole, verified transfer of this file, once; it adopts the gap-free prefix
+    /// the sparse reads already hold and resumes after it.
+    pub fn promote(self: &Arc<Self>) -> Result<(), FsError> {
+        let Some(tx) = self.tx.lock().unwrap().take() else {
+            return Ok(());
+        };
+        let Some(fetcher) = self.fetcher.upgrade() else {
+            return Err(self.error("shutting down"));
+        };
+        let (partial, file) = match self.store.new_partial(&self.key) {
+            Ok(p) => p,
+            Err(e) => {
+                tx.send_replace(State::Failed(format!("cache: {e}").into()));
+                return Err(e.into());
+            }
+        };
+        let file = Arc::new(file);
+        let _ = self.file.set(file.clone());
+        tx.send_replace(State::Receiving(0));
+        tokio::spawn(fetcher.transfer(self.clone(), partial, file, tx));
+        Ok(())
+    }
+
+    fn error(&self, reason: &str) -> FsError {
+        FsError::Fetch {
+            path: self.pkg.path.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Fetches the whole file if that has not started, and waits until it is verified.
+    pub async fn wait_complete(self: &Arc<Self>) -> Result<(), FsError> {
+        self.promote()?;
+        let mut rx = self.state.clone();
+        let done = rx
+            .wait_for(|s| matches!(s, State::Complete | State::Failed(_)))
+            .await
+            .map(|s| s.clone());
+        match done {
+            Ok(State::Failed(reason)) => Err(self.error(&reason)),
+            Ok(_) => Ok(()),
+            Err(_) => Err(self.error("transfer ended without a result")),
+        }
+    }
+
+    /// Whole file on disk and verified: it may be handed to the kernel for passthrough.
+    pub fn is_complete(&self) -> bool {
+        matches!(*self.state.borrow(), State::Complete)
+    }
+
+    /// The whole file, once there is one (for passthrough of a complete blob).
+    pub fn file(&self) -> Option<&File> {
+        self.file.get().map(|f| &**f)
     }
 
     fn failed(&self) -> bool {
@@ -109,8 +216,8 @@ impl Drop for Blob {
 pub struct Fetcher {
     remote: Remote,
     store: Arc<Store>,
-    /// Transfers in progress, strongly held until they end.
-    active: Mutex<HashMap<CacheKey, Arc<Blob>>>,
+    /// Blobs with open handles or a running transfer (which holds a strong reference).
+    active: Mutex<HashMap<CacheKey, Weak<Blob>>>,
     pub stats: Stats,
 }
 
@@ -128,63 +235,87 @@ impl Fetcher {
         &self.store
     }
 
-    /// The bytes of `pkg`: from the cache, from a transfer already running, or from a new one
-    /// started on the current tokio runtime.
+    /// Fetches `pkg` whole into the cache (or finds it there), sharing a transfer a reader may
+    /// already have started. For prefetching: `Ok` once the file is verified and readable.
+    pub async fn fetch_whole(self: &Arc<Self>, pkg: &Package) -> Result<(), FsError> {
+        let blob = self.open(pkg)?;
+        blob.wait_complete().await
+    }
+
+    /// The bytes of `pkg`: from the cache, from a blob other handles already share, or a new
+    /// one: sparse for a large file, else with its whole transfer started on the current tokio
+    /// runtime.
     pub fn open(self: &Arc<Self>, pkg: &Package) -> Result<Arc<Blob>, FsError> {
         let key = pkg.cache_key();
         let mut active = self.active.lock().unwrap();
-        if let Some(blob) = active.get(&key)
+        if let Some(blob) = active.get(&key).and_then(Weak::upgrade)
             && !blob.failed()
         {
-            return Ok(blob.clone());
+            return Ok(blob);
         }
         if let Some(file) = self.store.open_object(&key)? {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             let (_, state) = watch::channel(State::Complete);
-            return Ok(self.blob(key, pkg, file, state));
+            let blob = self.blob(key, pkg, None, state, None);
+            let _ = blob.file.set(Arc::new(file));
+            return Ok(blob);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let (partial, file) = self.store.new_partial(&key)?;
-        let (tx, state) = watch::channel(State::Receiving(0));
-        let blob = self.blob(key.clone(), pkg, file.try_clone()?, state);
-        active.insert(key, blob.clone());
-        tokio::spawn(
-            self.clone()
-                .transfer(pkg.clone(), blob.clone(), partial, file, tx),
-        );
+        let (tx, state) = watch::channel(State::Sparse);
+        let sparse = if pkg.size > WHOLE_BELOW {
+            let (path, file) = self.store.new_partial(&key)?;
+            Some(Sparse::new(file, path))
+        } else {
+            None
+        };
+        let is_sparse = sparse.is_some();
+        let blob = self.blob(key.clone(), pkg, Some(tx), state, sparse);
+        active.retain(|_, b| b.strong_count() > 0);
+        active.insert(key, Arc::downgrade(&blob));
+        drop(active);
+        if !is_sparse {
+            blob.promote()?;
+        }
         Ok(blob)
     }
 
     fn blob(
-        &self,
+        self: &Arc<Self>,
         key: CacheKey,
         pkg: &Package,
-        file: File,
+        tx: Option<watch::Sender<State>>,
         state: watch::Receiver<State>,
+        sparse: Option<Sparse>,
     ) -> Arc<Blob> {
         self.store.pin(&key);
         Arc::new(Blob {
             key,
-            path: pkg.path.clone(),
-            size: pkg.size,
-            file,
+            pkg: pkg.clone(),
+            fetcher: Arc::downgrade(self),
+            file: OnceLock::new(),
             state,
+            tx: Mutex::new(tx),
+            sparse,
             store: self.store.clone(),
         })
     }
 
     async fn transfer(
         self: Arc<Self>,
-        pkg: Package,
         blob: Arc<Blob>,
         partial: PathBuf,
-        file: File,
+        file: Arc<File>,
         tx: watch::Sender<State>,
     ) {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let file = Arc::new(file);
-        let outcome = self.receive(&pkg, file.clone(), &tx).await;
+        let pkg = &blob.pkg;
+        let prefix = blob
+            .sparse
+            .as_ref()
+            .map(|s| (s.file(), s.prefix_len()))
+            .filter(|(_, n)| *n > 0);
+        let outcome = self.receive(pkg, file.clone(), &tx, prefix).await;
         let secs = started.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => {
@@ -213,10 +344,6 @@ impl Fetcher {
                 let _ = std::fs::remove_file(&partial);
             }
         }
-        let mut active = self.active.lock().unwrap();
-        if active.get(&blob.key).is_some_and(|b| Arc::ptr_eq(b, &blob)) {
-            active.remove(&blob.key);
-        }
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -228,11 +355,15 @@ impl Fetcher {
     /// 5xx, 404 while the binhost publishes) is resumed from the bytes already on disk, after a
     /// backoff, at most `RETRIES` times. Resuming (never restarting) matters: readers may
     /// already hold the first bytes, and the digest check must cover exactly the bytes they got.
+    ///
+    /// `prefix` is a sparse file whose first bytes readers already hold: they are fed to the
+    /// writer first (hashed and checked like the rest), and the network resumes after them.
     async fn receive(
         &self,
         pkg: &Package,
         file: Arc<File>,
         tx: &watch::Sender<State>,
+        prefix: Option<(&File, u64)>,
     ) -> Result<(), String> {
         let (chunks, rx) = mpsc::channel::<Bytes>(16);
         let writer = {
@@ -247,6 +378,18 @@ impl Fetcher {
             })
         };
         let mut have = 0u64;
+        if let Some((sparse, len)) = prefix {
+            while have < len {
+                let mut buf = vec![0u8; (len - have).min(1 << 20) as usize];
+                sparse
+                    .read_exact_at(&mut buf, have)
+                    .map_err(|e| format!("reading sparse cache file: {e}"))?;
+                have += buf.len() as u64;
+                if chunks.send(buf.into()).await.is_err() {
+                    break;
+                }
+            }
+        }
         let mut attempt = 0;
         let failure = loop {
             match self.attempt(pkg, &chunks, &mut have).await {

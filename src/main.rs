@@ -18,6 +18,7 @@ mod lifecycle;
 mod logging;
 mod namespace;
 mod remote;
+mod sparse;
 mod status;
 
 use clap::Parser;

@@ -257,6 +257,90 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// Reads `len` bytes at `from` with one ranged request. `Ok(None)` when the server does not
+    /// do ranges (it answered 200 with the whole file): the caller then fetches the file whole.
+    pub async fn read_range(
+        &self,
+        path: &str,
+        from: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, RemoteError> {
+        match self {
+            Remote::Http { base, client } => {
+                let url = Self::http_url(base, path);
+                let http_err = |source| RemoteError::Http {
+                    url: url.to_string(),
+                    source,
+                };
+                let last = from + len - 1;
+                let mut resp = client
+                    .get(url.clone())
+                    .header(header::RANGE, format!("bytes={from}-{last}"))
+                    .send()
+                    .await
+                    .map_err(http_err)?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT => {}
+                    StatusCode::OK => return Ok(None),
+                    status => {
+                        return Err(RemoteError::Status {
+                            url: url.to_string(),
+                            status,
+                        });
+                    }
+                }
+                let range = resp
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if !range.starts_with(&format!("bytes {from}-{last}/")) {
+                    return Err(RemoteError::BadRange {
+                        url: url.to_string(),
+                        range,
+                    });
+                }
+                let mut out = Vec::with_capacity(len as usize);
+                while let Some(chunk) = resp.chunk().await.map_err(http_err)? {
+                    if out.len() + chunk.len() > len as usize {
+                        return Err(RemoteError::BadRange {
+                            url: url.to_string(),
+                            range: format!("{range} (body longer than the range)"),
+                        });
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                if out.len() as u64 != len {
+                    return Err(RemoteError::BadRange {
+                        url: url.to_string(),
+                        range: format!("{range} (body of {} bytes)", out.len()),
+                    });
+                }
+                Ok(Some(out))
+            }
+            Remote::File { base } => {
+                use std::os::unix::fs::FileExt;
+                let full = base.join(path);
+                let name = full.display().to_string();
+                tokio::task::spawn_blocking(move || {
+                    let file = std::fs::File::open(&full)?;
+                    let mut out = vec![0u8; len as usize];
+                    file.read_exact_at(&mut out, from)?;
+                    Ok(Some(out))
+                })
+                .await
+                .map_err(|e| RemoteError::Io {
+                    path: name.clone(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| RemoteError::Io { path: name, source })
+            }
+        }
+    }
+}
+
 /// A package body being received.
 pub struct Body {
     name: String,

@@ -1,0 +1,99 @@
+//! Ranged reads of a package nobody is reading whole.
+//!
+//! Portage's metadata scan (`FEATURES=-pkgdir-index-trusted`, `emaint binhost`, qlist-style
+//! tools) reads tar headers at scattered offsets, the tail included, and never the image. For
+//! such reads a large package is not downloaded: each read fetches the 64 KiB blocks it touches
+//! with one HTTP `Range` request into a sparse side file, and later reads of the same blocks are
+//! served from there. `Sparse` remembers which blocks it holds for as long as the file is open.
+//!
+//! These bytes are not verified (nothing can be until the whole file is there), so they never
+//! become a cache entry and are never mixed into the whole file's verified stream except as the
+//! prefix a promoted transfer adopts — and that prefix is then covered by the digest check,
+//! so a reader that went on to read the whole file still cannot complete a wrong one.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::remote::{Remote, chain};
+
+pub const BLOCK: u64 = 64 * 1024;
+
+pub struct Sparse {
+    file: File,
+    path: PathBuf,
+    /// Blocks on disk. The async mutex also serialises this file's range requests, so two
+    /// readers of the same header never fetch it twice.
+    blocks: tokio::sync::Mutex<BTreeSet<u64>>,
+    /// Bytes from offset 0 covered without a gap: how far a reader has read from the start.
+    prefix: AtomicU64,
+}
+
+impl Sparse {
+    pub fn new(file: File, path: PathBuf) -> Sparse {
+        Sparse {
+            file,
+            path,
+            blocks: tokio::sync::Mutex::new(BTreeSet::new()),
+            prefix: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes `offset..end` of a `size`-byte package, fetching the blocks that are missing.
+    /// `Ok(None)` when the server does not serve ranges. `fetched` counts network bytes.
+    pub async fn read(
+        &self,
+        remote: &Remote,
+        path: &str,
+        size: u64,
+        (offset, end): (u64, u64),
+        fetched: &AtomicU64,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        {
+            let mut blocks = self.blocks.lock().await;
+            let missing: Vec<u64> = (first..=last).filter(|b| !blocks.contains(b)).collect();
+            if let (Some(&a), Some(&b)) = (missing.first(), missing.last()) {
+                let from = a * BLOCK;
+                let len = ((b + 1) * BLOCK).min(size) - from;
+                let Some(data) = remote
+                    .read_range(path, from, len)
+                    .await
+                    .map_err(|e| chain(&e))?
+                else {
+                    return Ok(None);
+                };
+                fetched.fetch_add(len, Ordering::Relaxed);
+                self.file
+                    .write_all_at(&data, from)
+                    .map_err(|e| format!("writing sparse cache file: {e}"))?;
+                blocks.extend(a..=b);
+                let contiguous = blocks.iter().zip(0..).take_while(|(b, i)| *b == i).count();
+                self.prefix
+                    .store((contiguous as u64 * BLOCK).min(size), Ordering::Relaxed);
+            }
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| format!("reading sparse cache file: {e}"))?;
+        Ok(Some(buf))
+    }
+
+    /// How many bytes from offset 0 are held without a gap.
+    pub fn prefix_len(&self) -> u64 {
+        self.prefix.load(Ordering::Relaxed)
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for Sparse {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
