@@ -12,17 +12,17 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use tracing::{Instrument, debug_span, event};
+use tracing::{Instrument, debug_span, event, info, warn};
 
 use crate::error::FsError;
 use crate::fetch::{Blob, Fetcher};
@@ -41,8 +41,23 @@ pub const STATUS_XATTR: &str = "user.binpkgfs.status";
 pub type SharedNamespace = Arc<RwLock<Arc<Namespace>>>;
 
 enum Open {
-    Package { blob: Arc<Blob>, attr: Attr },
+    Package {
+        blob: Arc<Blob>,
+        attr: Attr,
+        /// Set when the kernel reads this handle straight from the cache file.
+        backing: Option<Arc<BackingId>>,
+    },
     Index(Bytes),
+}
+
+/// Passthrough bookkeeping per inode. The kernel wants one backing file per inode while any
+/// passthrough handle is open, and refuses to mix passthrough and cached opens of one inode,
+/// so an inode with a cached (userspace) open stays cached until that handle is released.
+#[derive(Default)]
+struct Passthrough {
+    enabled: bool,
+    backing: HashMap<u64, Weak<BackingId>>,
+    cached_opens: HashMap<u64, usize>,
 }
 
 pub struct BinpkgFs {
@@ -52,6 +67,7 @@ pub struct BinpkgFs {
     handles: Mutex<HashMap<u64, Arc<Open>>>,
     next_fh: AtomicU64,
     ttl: Duration,
+    passthrough: Mutex<Passthrough>,
     status: Box<dyn Fn() -> String + Send + Sync>,
 }
 
@@ -70,6 +86,7 @@ impl BinpkgFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             ttl,
+            passthrough: Mutex::default(),
             status,
         }
     }
@@ -87,7 +104,14 @@ impl BinpkgFs {
             .ok_or(FsError::BadHandle)
     }
 
-    fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, FopenFlags), FsError> {
+    /// Opens a file: the index from memory, a package through the fetcher. Complete packages
+    /// are handed to the kernel (passthrough) where it allows, so warm reads never reach us.
+    fn open_file(
+        &self,
+        ino: u64,
+        flags: OpenFlags,
+        reply: &ReplyOpen,
+    ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>), FsError> {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return Err(FsError::ReadOnly);
         }
@@ -98,19 +122,53 @@ impl BinpkgFs {
             NodeKind::IndexFile => Open::Index(ns.index.raw.clone()),
             NodeKind::Package(_) => {
                 let pkg = ns.package(node).expect("package node has a package");
-                // Blob::open may start a transfer; it must run on our runtime.
+                // Fetcher::open may start a transfer; it must run on our runtime.
                 let _rt = self.rt.enter();
+                let blob = self.fetcher.open(pkg)?;
+                let backing = self.backing_for(ino, &blob, reply);
                 Open::Package {
-                    blob: self.fetcher.open(pkg)?,
+                    blob,
                     attr: ns.attr(node),
+                    backing,
                 }
             }
+        };
+        let backing = match &open {
+            Open::Package { backing, .. } => backing.clone(),
+            Open::Index(_) => None,
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, Arc::new(open));
         // Contents of an inode never change (inodes carry content identity), so the kernel may
         // keep its page cache across opens.
-        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE))
+        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, backing))
+    }
+
+    /// A backing id for a complete package, or `None` to serve it through `read`.
+    fn backing_for(&self, ino: u64, blob: &Blob, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let mut pt = self.passthrough.lock().unwrap();
+        let cached = pt.cached_opens.get(&ino).copied().unwrap_or(0) > 0;
+        if let Some(file) = blob
+            .file()
+            .filter(|_| pt.enabled && blob.is_complete() && !cached)
+        {
+            if let Some(id) = pt.backing.get(&ino).and_then(Weak::upgrade) {
+                return Some(id);
+            }
+            match reply.open_backing(file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    pt.backing.insert(ino, Arc::downgrade(&id));
+                    return Some(id);
+                }
+                Err(e) => {
+                    warn!("passthrough unavailable, serving reads through the daemon: {e}");
+                    pt.enabled = false;
+                }
+            }
+        }
+        *pt.cached_opens.entry(ino).or_default() += 1;
+        None
     }
 }
 
@@ -181,6 +239,15 @@ impl Filesystem for BinpkgFs {
         // LOOKUP per entry), and with no-opendir support the kernel skips OPENDIR/RELEASEDIR.
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        // Passthrough (Linux >= 6.9): complete packages are read by the kernel straight from
+        // the cache file. Depth 2 lets the cache live on overlayfs.
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok()
+        {
+            self.passthrough.get_mut().unwrap().enabled = true;
+        } else {
+            info!("kernel without FUSE passthrough: serving every read through the daemon");
+        }
         Ok(())
     }
 
@@ -215,8 +282,12 @@ impl Filesystem for BinpkgFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
-        match self.open_file(ino.0, flags) {
-            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
+        match self.open_file(ino.0, flags, &reply) {
+            // The kernel refuses page-cache flags on a passthrough open (FOPEN_PASSTHROUGH_MASK).
+            Ok((fh, _, Some(id))) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            }
+            Ok((fh, flags, None)) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -277,7 +348,22 @@ impl Filesystem for BinpkgFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().unwrap().remove(&fh.0);
+        let open = self.handles.lock().unwrap().remove(&fh.0);
+        if let Some(open) = open
+            && let Open::Package {
+                backing: None,
+                attr,
+                ..
+            } = &*open
+        {
+            let mut pt = self.passthrough.lock().unwrap();
+            if let Some(n) = pt.cached_opens.get_mut(&attr.ino) {
+                *n -= 1;
+                if *n == 0 {
+                    pt.cached_opens.remove(&attr.ino);
+                }
+            }
+        }
         reply.ok();
     }
 
