@@ -505,3 +505,45 @@ fn demo_mounts_the_builtin_binhost_reads_every_package_and_cleans_up() {
         "demo left a mount behind"
     );
 }
+
+/// READ requests the daemon logged (at debug level) for inode `ino`.
+fn logged_reads(log: &Path, ino: u64) -> usize {
+    let needle = format!("ino {ino:#018x} READ");
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(&needle)
+        .count()
+}
+
+#[test]
+fn warm_reads_bypass_the_daemon_and_return_the_same_bytes() {
+    let (binhost, nginx, cache) = setup();
+    let logs = TempDir::new().unwrap();
+    let log = logs.path().join("log");
+    let args = ["--log-level", "debug", "--log-file", log.to_str().unwrap()];
+    let e = fixture_packages()
+        .into_iter()
+        .max_by_key(|e| e["SIZE"].parse::<u64>().unwrap())
+        .unwrap();
+    let want = fs::read(binhost.path().join(&e["PATH"])).unwrap();
+
+    let mut mount = Mount::new(&nginx.url(), cache.path(), &args).unwrap();
+    let file = mount.path().join(&e["PATH"]);
+    let ino = fs::metadata(&file).unwrap().ino();
+    assert!(
+        fs::read(&file).unwrap() == want,
+        "cold read (through the daemon)"
+    );
+    assert!(
+        logged_reads(&log, ino) > 0,
+        "a cold read is served by the daemon"
+    );
+    mount.unmount().unwrap();
+
+    // A new mount: the kernel has no page cache for the file, and the cache has it complete.
+    fs::remove_file(&log).unwrap();
+    let mount = Mount::new(&nginx.url(), cache.path(), &args).unwrap();
+    let file = mount.path().join(&e["PATH"]);
+    assert!(fs::read(&file).unwrap() == want, "warm read (passthrough)");
+    assert_eq!(logged_reads(&log, ino), 0, "warm read reached the daemon");
+}
