@@ -218,8 +218,15 @@ pub struct Fetcher {
     store: Arc<Store>,
     /// Blobs with open handles or a running transfer (which holds a strong reference).
     active: Mutex<HashMap<CacheKey, Weak<Blob>>>,
+    /// Set when the binhost could not be connected to: until then, transfers fail at once
+    /// instead of each waiting out connect timeouts (offline reads fail fast, logged once).
+    offline: Mutex<Option<(Instant, String)>>,
     pub stats: Stats,
 }
+
+/// How long a connect failure makes further transfers fail at once. After it, one transfer
+/// tries again, so reads recover without a remount when the binhost is back.
+const OFFLINE_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Fetcher {
     pub fn new(remote: Remote, store: Arc<Store>) -> Fetcher {
@@ -227,6 +234,7 @@ impl Fetcher {
             remote,
             store,
             active: Mutex::new(HashMap::new()),
+            offline: Mutex::new(None),
             stats: Stats::default(),
         }
     }
@@ -423,11 +431,22 @@ impl Fetcher {
         chunks: &mpsc::Sender<Bytes>,
         have: &mut u64,
     ) -> Result<(), Failure> {
-        let mut body = self
-            .remote
-            .open(&pkg.path, *have)
-            .await
-            .map_err(Failure::from_remote)?;
+        if let Some((until, reason)) = &*self.offline.lock().unwrap()
+            && Instant::now() < *until
+        {
+            return Err(Failure::Fatal(format!("binhost offline: {reason}")));
+        }
+        let mut body = match self.remote.open(&pkg.path, *have).await {
+            Ok(body) => body,
+            Err(e) if e.is_connect() => {
+                let reason = chain(&e);
+                *self.offline.lock().unwrap() =
+                    Some((Instant::now() + OFFLINE_HOLD, reason.clone()));
+                return Err(Failure::Fatal(format!("binhost offline: {reason}")));
+            }
+            Err(e) => return Err(Failure::from_remote(e)),
+        };
+        *self.offline.lock().unwrap() = None;
         if let Some(n) = body.announced_len()
             && n != pkg.size - *have
         {

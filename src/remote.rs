@@ -42,6 +42,16 @@ pub enum RemoteError {
     IndexTooLarge(String),
 }
 
+impl RemoteError {
+    /// The binhost could not be reached at all (refused, unroutable, connect timeout, DNS).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            RemoteError::Http { source, .. } => source.is_connect(),
+            _ => false,
+        }
+    }
+}
+
 /// Validators for a conditional index request. Stored beside the saved index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Validators {

@@ -57,7 +57,12 @@ struct Faulty {
 
 impl Faulty {
     fn start(root: &Path, target: &str, fault: Fault) -> Faulty {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Faulty::start_on(0, root, target, fault)
+    }
+
+    /// On a given port (0: any), so a test can bring "the same binhost" back.
+    fn start_on(port: u16, root: &Path, target: &str, fault: Fault) -> Faulty {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = Faulty {
             port,
@@ -604,4 +609,43 @@ fn broken_indexes_are_clear_errors_and_hostile_paths_are_refused() {
         hostile.len(),
         "{log}"
     );
+}
+
+#[test]
+fn an_offline_binhost_fails_reads_fast_and_the_mount_recovers_when_it_returns() {
+    support::require_real_parts();
+    let packages = fixture_packages();
+    let cache = TempDir::new().unwrap();
+    let server = Faulty::start(&fixture_binhost(), "none", Fault::Honest);
+    let (port, url) = (server.port, server.url());
+    let mut mount = Mount::new(&url, cache.path(), &[]).unwrap();
+    mount.unmount().unwrap();
+    drop(server);
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_err()));
+
+    // Offline: mounts from the saved index; uncached reads fail at once, every time.
+    let mount = Mount::new(&url, cache.path(), &[]).unwrap();
+    for p in &packages[..2] {
+        let started = Instant::now();
+        let err = fs::read(mount.path().join(&p["PATH"])).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    // The binhost returns on the same address: the same mount reads again, no remount.
+    let _server = Faulty::start_on(port, &fixture_binhost(), "none", Fault::Honest);
+    let file = mount.path().join(&packages[0]["PATH"]);
+    let want = fs::read(fixture_binhost().join(&packages[0]["PATH"])).unwrap();
+    let back = wait_until(Duration::from_secs(20), || {
+        fs::read(&file).is_ok_and(|b| b == want)
+    });
+    assert!(back, "reads did not recover after the binhost came back");
 }
