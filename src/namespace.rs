@@ -73,11 +73,18 @@ impl Namespace {
             children: vec![HashMap::new()],
             rejected: Vec::new(),
         };
+        // Like every file, the index's inode carries its content identity: the kernel keeps page
+        // cache per inode, so a new index of the same size must not look like the old file.
+        let index_id = {
+            let mut h = DefaultHasher::new();
+            index.raw.hash(&mut h);
+            h.finish().to_string()
+        };
         b.add(
             0,
             INDEX_NAME,
             NodeKind::IndexFile,
-            stable_ino(&["i", INDEX_NAME]),
+            stable_ino(&["i", &index_id]),
         );
         for (i, pkg) in index.packages.iter().enumerate() {
             if let Err(reason) = b.add_package(i as u32, pkg) {
@@ -297,6 +304,20 @@ mod tests {
         ]);
         assert_eq!(rejected.len(), 3);
         assert_eq!(ns.len(), 1 + 1 + 2 + 2, "root, Packages, a, a/b, x, x/y");
+    }
+
+    #[test]
+    fn the_index_file_gets_a_new_inode_when_its_bytes_change() {
+        let (a, _) = ns(&["c/p-1.tbz2"]);
+        let (b, _) = ns(&["c/p-1.tbz2"]);
+        let (c, _) = ns(&["c/p-2.tbz2"]);
+        let ino = |n: &Namespace| n.resolve(INDEX_NAME).unwrap().ino;
+        assert_eq!(ino(&a), ino(&b));
+        assert_ne!(
+            ino(&a),
+            ino(&c),
+            "same size, other bytes: must not share page cache"
+        );
     }
 
     #[test]

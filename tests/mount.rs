@@ -547,3 +547,27 @@ fn warm_reads_bypass_the_daemon_and_return_the_same_bytes() {
     assert!(fs::read(&file).unwrap() == want, "warm read (passthrough)");
     assert_eq!(logged_reads(&log, ino), 0, "warm read reached the daemon");
 }
+
+#[test]
+fn a_same_size_index_refresh_serves_the_new_index_bytes() {
+    let (binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &["--index-ttl", "1"]).unwrap();
+    let served = mount.path().join("Packages");
+    let before = fs::read(&served).unwrap(); // now in the kernel's page cache
+    let e = &fixture_packages()[0];
+    let mut bytes = fs::read(binhost.path().join(&e["PATH"])).unwrap();
+    bytes[100] ^= 1;
+    fs::write(binhost.path().join(&e["PATH"]), &bytes).unwrap();
+    rewrite_entry(binhost.path(), &e["PATH"], &bytes);
+    let after = fs::read(binhost.path().join("Packages")).unwrap();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "the test needs a same-size index"
+    );
+    let fresh = support::wait_until(Duration::from_secs(10), || {
+        fs::read(&served).is_ok_and(|b| b == after)
+    });
+    assert!(fresh, "the mount kept serving the old index bytes");
+    assert!(fs::read(mount.path().join(&e["PATH"])).unwrap() == bytes);
+}
