@@ -12,6 +12,8 @@ use clap::{Args, Parser, Subcommand};
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/binpkgfs";
 pub const DEFAULT_MOUNTPOINT: &str = "/var/cache/binpkgs";
+/// Where emerge publishes its merge list (`EROOT/var/cache/edb/mtimedb`) on a plain system.
+pub const DEFAULT_MTIMEDB: &str = "/var/cache/edb/mtimedb";
 /// 10 GiB: room for a typical world update without filling a small root filesystem.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
 
@@ -42,6 +44,48 @@ pub enum Command {
         #[arg(default_value = DEFAULT_MOUNTPOINT)]
         mountpoint: PathBuf,
     },
+    /// Fetch packages into a mounted binpkgfs's cache now, by reading them through the mount.
+    Prefetch(PrefetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// The binpkgfs mount point.
+    #[arg(long, default_value = DEFAULT_MOUNTPOINT)]
+    pub mount: PathBuf,
+    /// Also every package in the index that is a newer version (same slot) or a newer build of
+    /// one installed in ROOT/var/db/pkg.
+    #[arg(long)]
+    pub world_updates: bool,
+    /// The EROOT whose installed packages --world-updates compares against.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// `cat/pkg` (every version, newest build of each), `cat/pkg-1.2` (newest build), or a file
+    /// path relative to the mount.
+    #[arg(value_name = "ATOM-OR-PATH")]
+    pub targets: Vec<String>,
+}
+
+/// What `binpkgfs prefetch` does, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefetchConfig {
+    pub mountpoint: PathBuf,
+    pub targets: Vec<String>,
+    /// The EROOT to compare against, with `--world-updates`.
+    pub world_updates: Option<PathBuf>,
+}
+
+impl PrefetchConfig {
+    pub fn from_args(a: PrefetchArgs) -> Result<PrefetchConfig, String> {
+        if a.targets.is_empty() && !a.world_updates {
+            return Err("nothing to prefetch: name packages or use --world-updates".into());
+        }
+        Ok(PrefetchConfig {
+            mountpoint: absolute(&a.mount)?,
+            targets: a.targets,
+            world_updates: a.world_updates.then(|| absolute(&a.root)).transpose()?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -73,8 +117,15 @@ pub struct MountArgs {
     /// Seconds a transfer may deliver nothing before it is cut [default: 30].
     #[arg(long)]
     pub stall_timeout: Option<String>,
+    /// emerge's merge list to watch: packages it is about to install are prefetched
+    /// [default: /var/cache/edb/mtimedb].
+    #[arg(long)]
+    pub mtimedb: Option<PathBuf>,
+    /// Do not watch emerge's merge list.
+    #[arg(long)]
+    pub no_prefetch: bool,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, allow_other, and the usual mount words.
+    /// stall_timeout=, mtimedb=, noprefetch, allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
     /// Internal: report readiness on stdout (used by the detaching parent).
@@ -99,6 +150,8 @@ pub struct MountConfig {
     pub connect_timeout: Duration,
     /// Let other users (the `portage` user) read the mount.
     pub allow_other: bool,
+    /// emerge's `mtimedb` to watch for merge lists to prefetch; `None`: no prefetching.
+    pub prefetch_mtimedb: Option<PathBuf>,
 }
 
 /// Mount words that are someone else's business (mount(8), netmount, systemd) or already true.
@@ -142,6 +195,8 @@ impl MountConfig {
         let mut pid_file = None;
         let mut stall = None;
         let mut allow_other = None;
+        let mut mtimedb = None;
+        let mut no_prefetch = a.no_prefetch;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
             match opt.split_once('=') {
                 Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
@@ -151,10 +206,12 @@ impl MountConfig {
                 Some(("log_file", v)) => log_file = Some(PathBuf::from(v)),
                 Some(("pid_file", v)) => pid_file = Some(PathBuf::from(v)),
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
+                Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
                 None if opt == "allow_other" || opt == "allow_root" => allow_other = Some(true),
+                None if opt == "noprefetch" => no_prefetch = true,
                 None if opt == "rw" => {
                     return Err("option `rw`: binpkgfs is read-only; use `ro`".into());
                 }
@@ -188,6 +245,10 @@ impl MountConfig {
             .or(cache_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
         let is_root = unsafe { libc::geteuid() } == 0;
+        let mtimedb = a
+            .mtimedb
+            .or(mtimedb)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MTIMEDB));
         Ok(MountConfig {
             url: a.url,
             mountpoint: absolute(&a.mountpoint)?,
@@ -202,6 +263,7 @@ impl MountConfig {
             stall_timeout,
             connect_timeout: Duration::from_secs(10).min(stall_timeout),
             allow_other: allow_other.unwrap_or(is_root),
+            prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
         })
     }
 }
@@ -312,6 +374,48 @@ mod tests {
         assert!(e.contains("index TTL"), "{e}");
         assert!(cfg(&["--cache-size", "big", "http://h/x", "/mnt"]).is_err());
         assert!(cfg(&["--log-level", "no[such", "http://h/x", "/mnt"]).is_err());
+    }
+
+    #[test]
+    fn merge_list_prefetch_options() {
+        let c = cfg(&["http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.prefetch_mtimedb, Some(PathBuf::from(DEFAULT_MTIMEDB)));
+        let c = cfg(&[
+            "-o",
+            "mtimedb=/s/var/cache/edb/mtimedb",
+            "http://h/x",
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.prefetch_mtimedb,
+            Some(PathBuf::from("/s/var/cache/edb/mtimedb"))
+        );
+        let c = cfg(&["--mtimedb", "/a", "-o", "mtimedb=/b", "http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.prefetch_mtimedb, Some(PathBuf::from("/a")));
+        for off in [&["--no-prefetch"][..], &["-o", "ro,noprefetch"]] {
+            let mut args = off.to_vec();
+            args.extend(["http://h/x", "/mnt"]);
+            assert_eq!(cfg(&args).unwrap().prefetch_mtimedb, None, "{off:?}");
+        }
+    }
+
+    #[test]
+    fn prefetch_needs_something_to_do() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["binpkgfs", "prefetch"];
+            argv.extend_from_slice(args);
+            let Command::Prefetch(p) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not prefetch")
+            };
+            PrefetchConfig::from_args(p)
+        };
+        assert!(parse(&[]).unwrap_err().contains("nothing to prefetch"));
+        let c = parse(&["--world-updates", "--root", "/r"]).unwrap();
+        assert_eq!(c.world_updates, Some(PathBuf::from("/r")));
+        assert_eq!(c.mountpoint, PathBuf::from(DEFAULT_MOUNTPOINT));
+        let c = parse(&["--mount", "/m", "a/b", "a/b/b-1-1.gpkg.tar"]).unwrap();
+        assert_eq!((c.targets.len(), c.world_updates), (2, None));
     }
 
     #[test]

@@ -207,7 +207,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     let ttl = crate::fs::attr_ttl(cfg.index_ttl);
     let fs = BinpkgFs::new(
         lifecycle.ns.clone(),
-        fetcher,
+        fetcher.clone(),
         rt.handle().clone(),
         ttl,
         status,
@@ -260,6 +260,13 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     notify.send("ready");
 
     let refresher = rt.spawn(lifecycle.clone().run(cfg.index_ttl));
+    let prefetcher = cfg.prefetch_mtimedb.clone().map(|mtimedb| {
+        rt.spawn(crate::prefetch::watch(
+            mtimedb,
+            lifecycle.clone(),
+            fetcher.clone(),
+        ))
+    });
     let ended = rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -283,6 +290,9 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         }
     };
     refresher.abort();
+    if let Some(p) = prefetcher {
+        p.abort();
+    }
     if let Some(pid_file) = &cfg.pid_file {
         let _ = fs::remove_file(pid_file);
     }

@@ -1,0 +1,337 @@
+//! The daemon side: prefetch what emerge is about to install, read from the merge list it
+//! publishes in `EROOT/var/cache/edb/mtimedb` before merging starts.
+//!
+//! `resume.binpkgs` lists every binary package of the merge (`CPV`, `BUILD_ID`, `SIZE`, `MTIME`,
+//! ... as in `Packages`). Entries are matched to the current index snapshot (CPV + BUILD_ID,
+//! else CPV + SIZE + MTIME); what does not match (another PKGDIR, a source build) is ignored.
+//! The matches are fetched whole into the cache in merge order, `PARALLEL` at a time, through
+//! `Fetcher::fetch_whole`, which shares a transfer with any reader: the package emerge is
+//! reading right now already has its transfer, and nothing crosses the network twice.
+//!
+//! Rules:
+//! * the list found at mount time is not acted on: it may be an abandoned merge, and a restart
+//!   must not start gigabytes of downloads nobody asked for (`emerge --resume` writes anew);
+//! * Portage rewrites the file after each package (the merge list shrinks, `binpkgs` does not):
+//!   a batch is started only when `binpkgs` changes, so one merge is one batch;
+//! * a batch stops at half the cache's size, so prefetching cannot evict what it fetched for
+//!   the same merge before emerge reads it;
+//! * a file that is missing, partial or not JSON is logged at debug and the next change waited
+//!   for; a newer list replaces a running batch (transfers already started run to the end).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+use crate::fetch::Fetcher;
+use crate::index::Package;
+use crate::lifecycle::Lifecycle;
+use crate::namespace::{Namespace, ROOT_INO};
+
+/// Packages fetched at once by one batch (a reader's own transfer comes on top).
+const PARALLEL: usize = 2;
+
+/// One `resume.binpkgs` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub cpv: String,
+    pub build_id: Option<u64>,
+    pub size: Option<u64>,
+    pub mtime: Option<i64>,
+}
+
+/// The parts of `mtimedb` that matter here.
+#[derive(Debug, PartialEq)]
+pub struct MergeList {
+    /// `resume.binpkgs` as written: what a batch is keyed on.
+    pub key: Value,
+    /// Entries still to be merged, in merge order.
+    pub entries: Vec<Entry>,
+}
+
+/// Parses `mtimedb`. `Ok(None)`: no merge in progress.
+pub fn parse(raw: &[u8]) -> Result<Option<MergeList>, String> {
+    let db: Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    let Some(resume) = db.get("resume") else {
+        return Ok(None);
+    };
+    let Some(binpkgs) = resume.get("binpkgs").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    // `mergelist` holds `[type, root, cpv, action]` for what is still to merge; without it,
+    // every binpkg is still to come.
+    let pending: Option<HashSet<&str>> =
+        resume
+            .get("mergelist")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(Value::as_array)
+                    .filter(|x| x.get(3).and_then(Value::as_str) == Some("merge"))
+                    .filter_map(|x| x.get(2).and_then(Value::as_str))
+                    .collect()
+            });
+    let entries = binpkgs
+        .iter()
+        .filter_map(|e| {
+            Some(Entry {
+                cpv: e.get("CPV")?.as_str()?.to_string(),
+                build_id: number(e.get("BUILD_ID")),
+                size: number(e.get("SIZE")),
+                mtime: number(e.get("MTIME")),
+            })
+        })
+        .filter(|e| pending.as_ref().is_none_or(|p| p.contains(e.cpv.as_str())))
+        .collect();
+    Ok(Some(MergeList {
+        key: Value::Array(binpkgs.clone()),
+        entries,
+    }))
+}
+
+/// An integer written as a JSON number or string (Portage has written both).
+fn number<T: TryFrom<i64> + std::str::FromStr>(v: Option<&Value>) -> Option<T> {
+    match v? {
+        Value::Number(n) => T::try_from(n.as_i64()?).ok(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The index's packages for `entries`, in order; entries with no match are left out.
+pub fn resolve(ns: &Namespace, entries: &[Entry]) -> Vec<Package> {
+    let mut by_cpv: HashMap<&str, Vec<&Package>> = HashMap::new();
+    for p in &ns.index.packages {
+        by_cpv.entry(&p.cpv).or_default().push(p);
+    }
+    let mut seen = HashSet::new();
+    entries
+        .iter()
+        .filter_map(|e| {
+            let candidates = by_cpv.get(e.cpv.as_str())?;
+            let by_build = e
+                .build_id
+                .and_then(|id| candidates.iter().find(|p| p.build_id == Some(id)).copied());
+            let pkg = by_build.or_else(|| {
+                let (size, mtime) = (e.size?, e.mtime?);
+                candidates
+                    .iter()
+                    .find(|p| p.size == size && p.mtime == mtime)
+                    .copied()
+            })?;
+            // Only what the mount shows: an entry the namespace refused is not reachable.
+            let shown = served(ns, &pkg.path)?;
+            seen.insert(shown.path.clone()).then(|| shown.clone())
+        })
+        .collect()
+}
+
+/// The package the namespace serves at `path`.
+fn served<'a>(ns: &'a Namespace, path: &str) -> Option<&'a Package> {
+    let node = path
+        .split('/')
+        .try_fold(ns.node(ROOT_INO)?, |node, name| ns.lookup(node.ino, name))?;
+    ns.package(node)
+}
+
+/// Watches `mtimedb` for as long as the daemon runs.
+pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fetcher>) {
+    let mut changes = match super::watcher::spawn(&mtimedb) {
+        Ok(rx) => rx,
+        Err(e) => {
+            warn!(path = %mtimedb.display(), "merge-list prefetch disabled: cannot watch: {e}");
+            return;
+        }
+    };
+    changes.mark_unchanged();
+    let mut last = read(&mtimedb).await.ok().flatten().map(|m| m.key);
+    info!(path = %mtimedb.display(), "watching emerge's merge list for prefetching");
+    let mut batch: Option<JoinHandle<()>> = None;
+    while changes.changed().await.is_ok() {
+        let list = match read(&mtimedb).await {
+            Ok(Some(list)) => list,
+            // The merge ended (or the file is gone): the same list later is a new merge.
+            Ok(None) => {
+                last = None;
+                continue;
+            }
+            // Half-written or foreign: keep what we know and wait for the next change.
+            Err(()) => continue,
+        };
+        if last.as_ref() == Some(&list.key) {
+            continue;
+        }
+        last = Some(list.key);
+        let ns = lifecycle.ns.read().unwrap().clone();
+        let packages = resolve(&ns, &list.entries);
+        if let Some(old) = batch.take() {
+            old.abort();
+        }
+        if packages.is_empty() {
+            // Source builds, another PKGDIR: not ours, and not worth an info line per emerge.
+            debug!(
+                listed = list.entries.len(),
+                "merge list has nothing from this binhost"
+            );
+            continue;
+        }
+        let limit = fetcher.store().usage().limit / 2;
+        batch = Some(tokio::spawn(run_batch(
+            fetcher.clone(),
+            list.entries.len(),
+            packages,
+            limit,
+        )));
+    }
+}
+
+/// The merge list in `mtimedb`: `Ok(None)` if there is no merge in progress (or no file),
+/// `Err` if the file cannot be read or parsed (logged at debug).
+async fn read(path: &Path) -> Result<Option<MergeList>, ()> {
+    let raw = match tokio::fs::read(path).await {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            debug!(path = %path.display(), "merge list not readable: {e}");
+            return Err(());
+        }
+    };
+    parse(&raw).map_err(|e| debug!(path = %path.display(), "merge list not usable (yet): {e}"))
+}
+
+/// Fetches `packages` in order, `PARALLEL` at a time, up to `limit` bytes.
+async fn run_batch(fetcher: Arc<Fetcher>, listed: usize, packages: Vec<Package>, limit: u64) {
+    let mut total = 0u64;
+    let matched = packages.len();
+    let packages: Vec<Package> = packages
+        .into_iter()
+        .take_while(|p| {
+            total += p.size;
+            total <= limit
+        })
+        .collect();
+    let (fetching, bytes) = (packages.len(), packages.iter().map(|p| p.size).sum::<u64>());
+    info!(
+        listed,
+        matched, fetching, bytes, "prefetching the merge list"
+    );
+    if fetching < matched {
+        warn!(
+            left_out = matched - fetching,
+            "the rest of the merge list would not fit in half the cache; it is fetched when read"
+        );
+    }
+    let started = Instant::now();
+    let slots = Arc::new(Semaphore::new(PARALLEL));
+    let mut running = JoinSet::new();
+    for pkg in packages {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        debug!(path = %pkg.path, "prefetch");
+        let fetcher = fetcher.clone();
+        running.spawn(async move {
+            let r = fetcher.fetch_whole(&pkg).await;
+            drop(slot);
+            (pkg, r)
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok((_, Ok(()))) => ok += 1,
+            // The transfer logged why at warn already.
+            Ok((pkg, Err(e))) => {
+                failed += 1;
+                debug!(path = %pkg.path, "prefetch failed: {e}");
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    debug!(
+        ok,
+        failed,
+        secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "prefetch batch done"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const INDEX: &str = "TIMESTAMP: 100\nVERSION: 0\n\n\
+        CPV: a/x-1\nBUILD_ID: 1\nPATH: a/x/x-1-1.gpkg.tar\nSIZE: 10\nMTIME: 50\n\n\
+        CPV: a/x-1\nBUILD_ID: 2\nPATH: a/x/x-1-2.gpkg.tar\nSIZE: 20\nMTIME: 60\n\n\
+        CPV: b/y-2\nPATH: b/y-2.tbz2\nSIZE: 30\nMTIME: 70\n";
+
+    fn ns() -> Namespace {
+        let index = crate::index::Index::parse(Bytes::from_static(INDEX.as_bytes())).unwrap();
+        Namespace::build(Arc::new(index)).0
+    }
+
+    fn mtimedb(binpkgs: &str, mergelist: &str) -> String {
+        format!(
+            r#"{{"info": {{}}, "resume": {{"favorites": [], "mergelist": {mergelist},
+                "binpkgs": {binpkgs}, "myopts": {{}}}}, "version": "3.0.83"}}"#
+        )
+    }
+
+    #[test]
+    fn parses_portage_mtimedb_and_skips_what_is_merged() {
+        let db = mtimedb(
+            r#"[{"CPV": "b/y-2", "BUILD_ID": null, "BUILD_TIME": 0, "MTIME": 70, "SIZE": 30, "EROOT": "/"},
+                {"CPV": "a/x-1", "BUILD_ID": 2, "BUILD_TIME": 5, "MTIME": "60", "SIZE": 20, "EROOT": "/"}]"#,
+            r#"[["binary", "/", "a/x-1", "merge"]]"#,
+        );
+        let list = parse(db.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            list.entries,
+            [Entry {
+                cpv: "a/x-1".into(),
+                build_id: Some(2),
+                size: Some(20),
+                mtime: Some(60)
+            }]
+        );
+        assert_eq!(list.key.as_array().unwrap().len(), 2);
+        assert_eq!(parse(br#"{"info": {}}"#).unwrap(), None);
+        for garbage in [&b""[..], b"{\"resume\": {\"binp", b"\x00\x01", b"[1, 2"] {
+            assert!(parse(garbage).is_err());
+        }
+    }
+
+    #[test]
+    fn matches_by_build_id_then_size_and_mtime() {
+        let ns = ns();
+        let e = |cpv: &str, build_id, size, mtime| Entry {
+            cpv: cpv.into(),
+            build_id,
+            size,
+            mtime,
+        };
+        let got = resolve(
+            &ns,
+            &[
+                e("a/x-1", Some(2), None, None),
+                e("b/y-2", None, Some(30), Some(70)),
+                e("a/x-1", None, Some(10), Some(50)),
+                e("a/x-1", Some(9), None, None),      // no such build
+                e("b/y-2", None, Some(31), Some(70)), // another file
+                e("c/z-1", Some(1), Some(1), Some(1)), // not on this binhost
+                e("a/x-1", Some(2), None, None),      // listed twice
+            ],
+        );
+        let paths: Vec<&str> = got.iter().map(|p| &*p.path).collect();
+        assert_eq!(
+            paths,
+            ["a/x/x-1-2.gpkg.tar", "b/y-2.tbz2", "a/x/x-1-1.gpkg.tar"]
+        );
+    }
+}
