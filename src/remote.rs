@@ -75,8 +75,15 @@ pub struct RemoteOptions {
 
 #[derive(Debug, Clone)]
 pub enum Remote {
-    Http { base: Url, client: reqwest::Client },
-    File { base: PathBuf },
+    Http {
+        base: Url,
+        client: reqwest::Client,
+    },
+    File {
+        base: PathBuf,
+        /// A read that takes longer (a hung NFS server) fails instead of blocking a reader.
+        stall: Duration,
+    },
 }
 
 impl Remote {
@@ -103,7 +110,10 @@ impl Remote {
             }
             "file" if parsed.host_str().unwrap_or("").is_empty() => {
                 let base = parsed.to_file_path().map_err(|_| bad())?;
-                Ok(Remote::File { base })
+                Ok(Remote::File {
+                    base,
+                    stall: opts.stall_timeout,
+                })
             }
             _ => Err(bad()),
         }
@@ -170,7 +180,7 @@ impl Remote {
                     validators,
                 })
             }
-            Remote::File { base } => {
+            Remote::File { base, .. } => {
                 let path = base.join("Packages");
                 let io_err = |source| RemoteError::Io {
                     path: path.display().to_string(),
@@ -243,7 +253,7 @@ impl Remote {
                     inner: BodyInner::Http(resp),
                 })
             }
-            Remote::File { base } => {
+            Remote::File { base, stall } => {
                 let full = base.join(path);
                 let name = full.display().to_string();
                 let io_err = |source| RemoteError::Io {
@@ -260,7 +270,7 @@ impl Remote {
                 Ok(Body {
                     name,
                     skip: 0,
-                    inner: BodyInner::File(file),
+                    inner: BodyInner::File(file, *stall),
                 })
             }
         }
@@ -330,21 +340,21 @@ impl Remote {
                 }
                 Ok(Some(out))
             }
-            Remote::File { base } => {
+            Remote::File { base, stall } => {
                 use std::os::unix::fs::FileExt;
                 let full = base.join(path);
                 let name = full.display().to_string();
-                tokio::task::spawn_blocking(move || {
+                let read = tokio::task::spawn_blocking(move || {
                     let file = std::fs::File::open(&full)?;
                     let mut out = vec![0u8; len as usize];
                     file.read_exact_at(&mut out, from)?;
                     Ok(Some(out))
-                })
-                .await
-                .map_err(|e| RemoteError::Io {
-                    path: name.clone(),
-                    source: std::io::Error::other(e),
-                })?
+                });
+                match tokio::time::timeout(*stall, read).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) => Err(std::io::Error::other(join)),
+                    Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                }
                 .map_err(|source| RemoteError::Io { path: name, source })
             }
         }
@@ -361,7 +371,7 @@ pub struct Body {
 
 enum BodyInner {
     Http(reqwest::Response),
-    File(tokio::fs::File),
+    File(tokio::fs::File, Duration),
 }
 
 const FILE_CHUNK: usize = 1 << 20;
@@ -372,7 +382,7 @@ impl Body {
     pub fn announced_len(&self) -> Option<u64> {
         match &self.inner {
             BodyInner::Http(resp) => resp.content_length().map(|n| n.saturating_sub(self.skip)),
-            BodyInner::File(_) => None,
+            BodyInner::File(..) => None,
         }
     }
 
@@ -398,12 +408,12 @@ impl Body {
                 url: self.name.clone(),
                 source,
             }),
-            BodyInner::File(file) => {
+            BodyInner::File(file, stall) => {
                 let mut buf = Vec::with_capacity(FILE_CHUNK);
-                let n = (&mut *file)
-                    .take(FILE_CHUNK as u64)
-                    .read_to_end(&mut buf)
+                let mut limited = (&mut *file).take(FILE_CHUNK as u64);
+                let n = tokio::time::timeout(*stall, limited.read_to_end(&mut buf))
                     .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                     .map_err(|source| RemoteError::Io {
                         path: self.name.clone(),
                         source,
