@@ -251,8 +251,8 @@ impl Store {
     /// Removes the least recently used unpinned entry, to make room on a full disk. `false`
     /// when there is none.
     pub fn evict_one(&self) -> bool {
-        let victim = self.inner.lock().unwrap().pop_lru_unpinned();
-        match victim {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.pop_lru_unpinned() {
             Some(key) => {
                 warn!(%key, "cache disk full: evicting to make room");
                 let _ = fs::remove_file(self.object_path(&key));
@@ -262,20 +262,15 @@ impl Store {
         }
     }
 
-    /// Removes least recently used, unpinned entries until the total fits the limit.
+    /// Removes least recently used, unpinned entries until the total fits the limit. Files
+    /// are removed under the lock, so a concurrent commit or open of the same key can never
+    /// see (or lose) a half-evicted entry.
     pub fn evict(&self) {
-        let victims = {
-            let mut inner = self.inner.lock().unwrap();
-            let mut victims = Vec::new();
-            while inner.total > self.limit {
-                let Some(key) = inner.pop_lru_unpinned() else {
-                    break;
-                };
-                victims.push(key);
-            }
-            victims
-        };
-        for key in victims {
+        let mut inner = self.inner.lock().unwrap();
+        while inner.total > self.limit {
+            let Some(key) = inner.pop_lru_unpinned() else {
+                break;
+            };
             debug!(%key, "evicting");
             if let Err(e) = fs::remove_file(self.object_path(&key))
                 && e.kind() != io::ErrorKind::NotFound
