@@ -186,6 +186,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
     crate::logging::init(cfg)?;
+    raise_fd_limit();
     // Paths are absolute by now; do not pin whatever directory we were started from.
     let _ = std::env::set_current_dir("/");
     info!(url = %cfg.url, mountpoint = %cfg.mountpoint.display(), "starting");
@@ -233,8 +234,10 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         SessionACL::Owner
     };
     fuse_cfg.n_threads = Some(2);
+    let notifier = fs.notifier_slot();
     let mut session = Session::new(fs, &cfg.mountpoint, &fuse_cfg)
         .map_err(|e| format!("mounting at {}: {e}", cfg.mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -303,6 +306,22 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
             Ok(())
         }
         Ok(Err(e)) => Err(format!("FUSE session ended with an error: {e}")),
+    }
+}
+
+/// Every open package holds a file descriptor (two while a large one downloads); a busy
+/// install must not run out at a default soft limit of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 

@@ -19,13 +19,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cache::Store;
 use crate::error::FsError;
@@ -75,6 +75,14 @@ pub struct Blob {
     /// Held until promotion hands it to the whole transfer.
     tx: Mutex<Option<watch::Sender<State>>>,
     sparse: Option<Sparse>,
+    /// A sparse read delivered the file's final byte (unchecked, as a metadata scan may).
+    tail_served: AtomicBool,
+    /// The prefix the whole transfer adopted from the sparse file.
+    adopted: AtomicU64,
+    /// Pages the kernel cached from sparse reads must be dropped (set on promotion).
+    needs_inval: AtomicBool,
+    /// The last ranged-read failure logged, so a failing file is logged once, not per read.
+    last_warning: Mutex<Option<String>>,
     store: Arc<Store>,
 }
 
@@ -88,11 +96,16 @@ impl Blob {
         if let Some(data) = self.read_sparse(offset, end).await? {
             return Ok(data);
         }
-        let wants_last_byte = end == self.pkg.size;
+        // The read that delivers the final byte waits for the check. If a sparse read already
+        // delivered the tail, every byte past the adopted prefix waits instead: otherwise a
+        // reader could collect the whole file without any read having waited.
+        let must_be_checked = end == self.pkg.size
+            || (self.tail_served.load(Ordering::Acquire)
+                && end > self.adopted.load(Ordering::Acquire));
         let mut rx = self.state.clone();
         let ready = rx
             .wait_for(|s| match s {
-                State::Receiving(have) => !wants_last_byte && *have >= end,
+                State::Receiving(have) => !must_be_checked && *have >= end,
                 State::Complete | State::Failed(_) => true,
                 State::Sparse => false,
             })
@@ -120,31 +133,47 @@ impl Blob {
         let Some(sparse) = &self.sparse else {
             return Ok(None);
         };
-        if !matches!(*self.state.borrow(), State::Sparse) {
+        if !self.is_sparse() {
             return Ok(None);
         }
         let Some(fetcher) = self.fetcher.upgrade() else {
             return Err(self.error("shutting down"));
         };
-        let fetched = &fetcher.stats.bytes_fetched;
-        let data = sparse
-            .read(
-                &fetcher.remote,
-                &self.pkg.path,
-                self.pkg.size,
-                (offset, end),
-                fetched,
-            )
-            .await
-            .map_err(|reason| {
-                warn!(path = %self.pkg.path, "ranged read failed: {reason}");
-                self.error(&reason)
-            })?;
-        if data.is_none() || sparse.prefix_len() >= PROMOTE_AFTER {
-            // A whole-file reader (or a server without ranges): fetch it all, verified.
+        let data = match sparse.read(&fetcher, &self.pkg, (offset, end)).await {
+            Ok(data) => data,
+            Err(reason) => {
+                let mut last = self.last_warning.lock().unwrap();
+                if last.as_deref() != Some(reason.as_str()) {
+                    warn!(path = %self.pkg.path, "ranged read failed: {reason}");
+                    *last = Some(reason.clone());
+                }
+                return Err(self.error(&reason));
+            }
+        };
+        if data.is_none() || sparse.held() >= PROMOTE_AFTER {
+            // A whole-file reader, in whatever order (or a server without ranges): fetch it
+            // all, verified. This read, if it has data, is still a ranged one.
             self.promote()?;
         }
+        if !self.is_sparse() && self.adopted.load(Ordering::Acquire) < end {
+            // Promoted meanwhile (by this read or another): bytes past the adopted prefix must
+            // come from the verified stream, not from the range.
+            return Ok(None);
+        }
+        if data.is_some() && end == self.pkg.size {
+            self.tail_served.store(true, Ordering::Release);
+        }
         Ok(data)
+    }
+
+    fn is_sparse(&self) -> bool {
+        matches!(*self.state.borrow(), State::Sparse)
+    }
+
+    /// True once after promotion of a sparse blob: the caller must drop the kernel's cached
+    /// pages of this file, which came from unchecked ranged reads.
+    pub fn take_needs_inval(&self) -> bool {
+        self.needs_inval.swap(false, Ordering::AcqRel)
     }
 
     /// Starts the whole, verified transfer of this file, once; it adopts the gap-free prefix
@@ -165,6 +194,10 @@ impl Blob {
         };
         let file = Arc::new(file);
         let _ = self.file.set(file.clone());
+        if let Some(sparse) = &self.sparse {
+            self.adopted.store(sparse.prefix_len(), Ordering::Release);
+            self.needs_inval.store(true, Ordering::Release);
+        }
         tx.send_replace(State::Receiving(0));
         tokio::spawn(fetcher.transfer(self.clone(), partial, file, tx));
         Ok(())
@@ -218,11 +251,19 @@ pub struct Fetcher {
     store: Arc<Store>,
     /// Blobs with open handles or a running transfer (which holds a strong reference).
     active: Mutex<HashMap<CacheKey, Weak<Blob>>>,
+    /// The last sparse blobs opened, kept alive after their last close: Portage opens a
+    /// package several times during one scan, and an install reopens it right after, so the
+    /// ranged blocks must outlive a single open. Bounded by `LINGER` (each holds at most about
+    /// `PROMOTE_AFTER` bytes of side file before it is promoted).
+    recent: Mutex<std::collections::VecDeque<Arc<Blob>>>,
     /// Set when the binhost could not be connected to: until then, transfers fail at once
     /// instead of each waiting out connect timeouts (offline reads fail fast, logged once).
     offline: Mutex<Option<(Instant, String)>>,
     pub stats: Stats,
 }
+
+/// How many sparse blobs outlive their last close (see `Fetcher::recent`).
+const LINGER: usize = 32;
 
 /// How long a connect failure makes further transfers fail at once. After it, one transfer
 /// tries again, so reads recover without a remount when the binhost is back.
@@ -234,6 +275,7 @@ impl Fetcher {
             remote,
             store,
             active: Mutex::new(HashMap::new()),
+            recent: Mutex::default(),
             offline: Mutex::new(None),
             stats: Stats::default(),
         }
@@ -241,6 +283,56 @@ impl Fetcher {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// `Err` with the reason while the offline breaker holds.
+    fn check_online(&self) -> Result<(), String> {
+        match &*self.offline.lock().unwrap() {
+            Some((until, reason)) if Instant::now() < *until => {
+                Err(format!("binhost offline: {reason}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Trips the breaker after a connect failure; returns the reason.
+    fn went_offline(&self, e: &RemoteError) -> String {
+        let reason = chain(e);
+        *self.offline.lock().unwrap() = Some((Instant::now() + OFFLINE_HOLD, reason.clone()));
+        format!("binhost offline: {reason}")
+    }
+
+    /// One ranged read for a sparse file, with the same breaker and retries as transfers.
+    /// `Ok(None)`: the server does not do ranges.
+    pub(crate) async fn read_range(
+        &self,
+        path: &str,
+        from: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, String> {
+        self.check_online()?;
+        let mut attempt = 0;
+        loop {
+            match self.remote.read_range(path, from, len).await {
+                Ok(data) => {
+                    *self.offline.lock().unwrap() = None;
+                    if data.is_some() {
+                        self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    }
+                    return Ok(data);
+                }
+                Err(e) if e.is_connect() => return Err(self.went_offline(&e)),
+                Err(e) => match Failure::from_remote(e) {
+                    Failure::Retry(reason) if attempt < RETRIES => {
+                        attempt += 1;
+                        tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
+                        debug!(path, "ranged read retry {attempt}/{RETRIES}: {reason}");
+                    }
+                    Failure::Retry(reason) | Failure::Fatal(reason) => return Err(reason),
+                    Failure::WriterGone => return Err("writer stopped".into()),
+                },
+            }
+        }
     }
 
     /// Fetches `pkg` whole into the cache (or finds it there), sharing a transfer a reader may
@@ -281,7 +373,13 @@ impl Fetcher {
         active.retain(|_, b| b.strong_count() > 0);
         active.insert(key, Arc::downgrade(&blob));
         drop(active);
-        if !is_sparse {
+        if is_sparse {
+            let mut recent = self.recent.lock().unwrap();
+            recent.push_back(blob.clone());
+            if recent.len() > LINGER {
+                recent.pop_front();
+            }
+        } else {
             blob.promote()?;
         }
         Ok(blob)
@@ -304,6 +402,10 @@ impl Fetcher {
             state,
             tx: Mutex::new(tx),
             sparse,
+            tail_served: AtomicBool::new(false),
+            adopted: AtomicU64::new(0),
+            needs_inval: AtomicBool::new(false),
+            last_warning: Mutex::new(None),
             store: self.store.clone(),
         })
     }
@@ -318,10 +420,11 @@ impl Fetcher {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let pkg = &blob.pkg;
+        let adopted = blob.adopted.load(Ordering::Acquire);
         let prefix = blob
             .sparse
             .as_ref()
-            .map(|s| (s.file(), s.prefix_len()))
+            .map(|s| (s.file(), adopted))
             .filter(|(_, n)| *n > 0);
         let outcome = self.receive(pkg, file.clone(), &tx, prefix).await;
         let secs = started.elapsed().as_secs_f64();
@@ -400,7 +503,7 @@ impl Fetcher {
         }
         let mut attempt = 0;
         let failure = loop {
-            match self.attempt(pkg, &chunks, &mut have).await {
+            match self.attempt(pkg, &chunks, &mut have, attempt > 0).await {
                 Ok(()) | Err(Failure::WriterGone) => break None,
                 Err(Failure::Fatal(e)) => break Some(e),
                 Err(Failure::Retry(e)) if attempt >= RETRIES => break Some(e),
@@ -430,19 +533,18 @@ impl Fetcher {
         pkg: &Package,
         chunks: &mpsc::Sender<Bytes>,
         have: &mut u64,
+        retrying: bool,
     ) -> Result<(), Failure> {
-        if let Some((until, reason)) = &*self.offline.lock().unwrap()
-            && Instant::now() < *until
-        {
-            return Err(Failure::Fatal(format!("binhost offline: {reason}")));
+        // The breaker only stops new transfers: one already under way (or resuming) keeps its
+        // bytes and its retries, since a binhost restart is exactly when connects fail.
+        let fresh = *have == 0 && !retrying;
+        if fresh {
+            self.check_online().map_err(Failure::Fatal)?;
         }
         let mut body = match self.remote.open(&pkg.path, *have).await {
             Ok(body) => body,
-            Err(e) if e.is_connect() => {
-                let reason = chain(&e);
-                *self.offline.lock().unwrap() =
-                    Some((Instant::now() + OFFLINE_HOLD, reason.clone()));
-                return Err(Failure::Fatal(format!("binhost offline: {reason}")));
+            Err(e) if e.is_connect() && fresh => {
+                return Err(Failure::Fatal(self.went_offline(&e)));
             }
             Err(e) => return Err(Failure::from_remote(e)),
         };
@@ -544,7 +646,12 @@ fn write_and_verify(
 
 /// Writes at `offset`; when the cache's disk is full, evicts unpinned entries one by one and
 /// tries again, and only gives up when nothing is left to evict.
-fn write_making_room(file: &File, data: &[u8], offset: u64, store: &Store) -> Result<(), String> {
+pub(crate) fn write_making_room(
+    file: &File,
+    data: &[u8],
+    offset: u64,
+    store: &Store,
+) -> Result<(), String> {
     loop {
         match file.write_all_at(data, offset) {
             Ok(()) => return Ok(()),

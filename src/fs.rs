@@ -12,17 +12,17 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use tracing::{Instrument, debug_span, event, info, warn};
+use tracing::{Instrument, debug, debug_span, event, info, warn};
 
 use crate::error::FsError;
 use crate::fetch::{Blob, Fetcher};
@@ -68,6 +68,8 @@ pub struct BinpkgFs {
     next_fh: AtomicU64,
     ttl: Duration,
     passthrough: Mutex<Passthrough>,
+    /// Set by the daemon once the session exists; used to drop the kernel's cached pages.
+    notifier: Arc<OnceLock<Notifier>>,
     status: Box<dyn Fn() -> String + Send + Sync>,
 }
 
@@ -87,8 +89,14 @@ impl BinpkgFs {
             next_fh: AtomicU64::new(1),
             ttl,
             passthrough: Mutex::default(),
+            notifier: Arc::default(),
             status,
         }
+    }
+
+    /// Where the daemon puts the session's notifier (the session is created after `self`).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     fn snapshot(&self) -> Arc<Namespace> {
@@ -137,11 +145,17 @@ impl BinpkgFs {
             Open::Package { backing, .. } => backing.clone(),
             Open::Index(_) => None,
         };
+        // An inode's content never changes (inodes carry content identity), so the kernel may
+        // keep its page cache across opens, but only of checked bytes: an open of a file not
+        // yet verified drops the cache, so pages from a transfer that failed its check (or
+        // from unchecked ranged reads) are never served again.
+        let flags = match &open {
+            Open::Package { blob, .. } if !blob.is_complete() => FopenFlags::empty(),
+            _ => FopenFlags::FOPEN_KEEP_CACHE,
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, Arc::new(open));
-        // Contents of an inode never change (inodes carry content identity), so the kernel may
-        // keep its page cache across opens.
-        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, backing))
+        Ok((fh, flags, backing))
     }
 
     /// A backing id for a complete package, or `None` to serve it through `read`.
@@ -158,6 +172,7 @@ impl BinpkgFs {
             match reply.open_backing(file) {
                 Ok(id) => {
                     let id = Arc::new(id);
+                    pt.backing.retain(|_, w| w.strong_count() > 0);
                     pt.backing.insert(ino, Arc::downgrade(&id));
                     return Some(id);
                 }
@@ -322,6 +337,7 @@ impl Filesystem for BinpkgFs {
                 reply.data(&raw[start..end]);
             }
             Open::Package { .. } => {
+                let notifier = self.notifier.clone();
                 self.rt.spawn(
                     async move {
                         let Open::Package { blob, .. } = &*open else {
@@ -330,6 +346,19 @@ impl Filesystem for BinpkgFs {
                         match blob.read(offset, size).await {
                             Ok(data) => reply.data(&data),
                             Err(e) => reply.error(fail(e)),
+                        }
+                        // After a promotion, drop the pages this file got from ranged reads,
+                        // so every byte a whole reader gets passes the check. Off the runtime
+                        // (the kernel may wait for pages other reads still hold) and after
+                        // the reply (this read's own pages are among them).
+                        if blob.take_needs_inval()
+                            && let Some(n) = notifier.get().cloned()
+                        {
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = n.inval_inode(ino, 0, -1) {
+                                    debug!("page cache invalidation: {e}");
+                                }
+                            });
                         }
                     }
                     .instrument(span),

@@ -17,7 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::remote::{Remote, chain};
+use crate::fetch::{Fetcher, write_making_room};
+use crate::index::Package;
 
 pub const BLOCK: u64 = 64 * 1024;
 
@@ -27,8 +28,9 @@ pub struct Sparse {
     /// Blocks on disk. The async mutex also serialises this file's range requests, so two
     /// readers of the same header never fetch it twice.
     blocks: tokio::sync::Mutex<BTreeSet<u64>>,
-    /// Bytes from offset 0 covered without a gap: how far a reader has read from the start.
+    /// Bytes from offset 0 covered without a gap: what a promoted transfer can adopt.
     prefix: AtomicU64,
+    held: AtomicU64,
 }
 
 impl Sparse {
@@ -38,18 +40,17 @@ impl Sparse {
             path,
             blocks: tokio::sync::Mutex::new(BTreeSet::new()),
             prefix: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         }
     }
 
-    /// Bytes `offset..end` of a `size`-byte package, fetching the blocks that are missing.
-    /// `Ok(None)` when the server does not serve ranges. `fetched` counts network bytes.
+    /// Bytes `offset..end` of `pkg`, fetching the blocks that are missing (one request, with
+    /// the fetcher's breaker and retries). `Ok(None)` when the server does not serve ranges.
     pub async fn read(
         &self,
-        remote: &Remote,
-        path: &str,
-        size: u64,
+        fetcher: &Fetcher,
+        pkg: &Package,
         (offset, end): (u64, u64),
-        fetched: &AtomicU64,
     ) -> Result<Option<Vec<u8>>, String> {
         let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
         {
@@ -57,22 +58,17 @@ impl Sparse {
             let missing: Vec<u64> = (first..=last).filter(|b| !blocks.contains(b)).collect();
             if let (Some(&a), Some(&b)) = (missing.first(), missing.last()) {
                 let from = a * BLOCK;
-                let len = ((b + 1) * BLOCK).min(size) - from;
-                let Some(data) = remote
-                    .read_range(path, from, len)
-                    .await
-                    .map_err(|e| chain(&e))?
-                else {
+                let len = ((b + 1) * BLOCK).min(pkg.size) - from;
+                let Some(data) = fetcher.read_range(&pkg.path, from, len).await? else {
                     return Ok(None);
                 };
-                fetched.fetch_add(len, Ordering::Relaxed);
-                self.file
-                    .write_all_at(&data, from)
-                    .map_err(|e| format!("writing sparse cache file: {e}"))?;
+                write_making_room(&self.file, &data, from, fetcher.store())?;
                 blocks.extend(a..=b);
                 let contiguous = blocks.iter().zip(0..).take_while(|(b, i)| *b == i).count();
                 self.prefix
-                    .store((contiguous as u64 * BLOCK).min(size), Ordering::Relaxed);
+                    .store((contiguous as u64 * BLOCK).min(pkg.size), Ordering::Relaxed);
+                self.held
+                    .store(blocks.len() as u64 * BLOCK, Ordering::Relaxed);
             }
         }
         let mut buf = vec![0u8; (end - offset) as usize];
@@ -80,6 +76,12 @@ impl Sparse {
             .read_exact_at(&mut buf, offset)
             .map_err(|e| format!("reading sparse cache file: {e}"))?;
         Ok(Some(buf))
+    }
+
+    /// How many bytes of the file are held, in any order: a reader that pulled this much is
+    /// reading the file whole, whatever its order.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// How many bytes from offset 0 are held without a gap.

@@ -10,7 +10,7 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +42,10 @@ enum Fault {
     RedirectLoop,
     /// Sends this many bytes, then nothing, keeping the connection open.
     StallAfter(usize),
+    /// Honest, but at this many bytes per second (ranges too).
+    Slow(usize),
+    /// Like `Slow`, with bytes 4096..4104 wrong.
+    SlowCorrupt(usize),
 }
 
 struct Faulty {
@@ -158,7 +162,11 @@ fn serve(
             break;
         }
         if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-            range = v.trim().trim_end_matches('-').parse::<usize>().ok();
+            let (from, to) = v.trim().split_once('-').unwrap_or((v.trim(), ""));
+            range = from
+                .parse::<usize>()
+                .ok()
+                .map(|f| (f, to.parse::<usize>().ok()));
         }
     }
     let mut parts = request.split_whitespace();
@@ -168,7 +176,7 @@ fn serve(
     );
     log.lock()
         .unwrap()
-        .push(format!("{method} {uri} {range:?}"));
+        .push(format!("{method} {uri} {:?}", range.map(|r| r.0)));
 
     let body = if uri == "/Packages" {
         index
@@ -183,6 +191,29 @@ fn serve(
     let len = body.len();
     match fault {
         Fault::Honest => honest(&mut conn, &body, range),
+        Fault::Slow(rate) | Fault::SlowCorrupt(rate) => {
+            let mut body = body.clone();
+            if matches!(fault, Fault::SlowCorrupt(_)) {
+                body[4096..4104].copy_from_slice(b"CORRUPT!");
+            }
+            let (status, from) = match range {
+                Some((from, _)) if from < len => ("206 Partial Content", from),
+                _ => ("200 OK", 0),
+            };
+            let to = range
+                .and_then(|(_, to)| to)
+                .map_or(len, |t| (t + 1).min(len));
+            let mut headers = vec![("Content-Length", (to - from).to_string())];
+            if status.starts_with("206") {
+                headers.push(("Content-Range", format!("bytes {from}-{}/{len}", to - 1)));
+            }
+            write_head(&mut conn, status, &headers)?;
+            for chunk in body[from..to].chunks(rate / 10) {
+                conn.write_all(chunk)?;
+                thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        }
         Fault::TruncateOnce(_) if !is_first => honest(&mut conn, &body, range),
         Fault::Truncate(n) | Fault::TruncateOnce(n) => respond(
             &mut conn,
@@ -258,20 +289,27 @@ fn serve(
     }
 }
 
-fn honest(conn: &mut TcpStream, body: &[u8], range: Option<usize>) -> std::io::Result<()> {
+fn honest(
+    conn: &mut TcpStream,
+    body: &[u8],
+    range: Option<(usize, Option<usize>)>,
+) -> std::io::Result<()> {
     match range {
-        Some(from) if from < body.len() => respond(
-            conn,
-            "206 Partial Content",
-            &[
-                ("Content-Length", (body.len() - from).to_string()),
-                (
-                    "Content-Range",
-                    format!("bytes {from}-{}/{}", body.len() - 1, body.len()),
-                ),
-            ],
-            &body[from..],
-        ),
+        Some((from, to)) if from < body.len() => {
+            let to = to.map_or(body.len(), |t| (t + 1).min(body.len()));
+            respond(
+                conn,
+                "206 Partial Content",
+                &[
+                    ("Content-Length", (to - from).to_string()),
+                    (
+                        "Content-Range",
+                        format!("bytes {from}-{}/{}", to - 1, body.len()),
+                    ),
+                ],
+                &body[from..to],
+            )
+        }
         _ => respond(
             conn,
             "200 OK",
@@ -648,4 +686,88 @@ fn an_offline_binhost_fails_reads_fast_and_the_mount_recovers_when_it_returns() 
         fs::read(&file).is_ok_and(|b| b == want)
     });
     assert!(back, "reads did not recover after the binhost came back");
+}
+
+#[test]
+fn pages_read_during_a_failed_transfer_are_never_served_again() {
+    // The binhost streams a package with wrong bytes early in the file, slowly enough that the
+    // reader gets those pages before the check fails; then it serves the right file.
+    let e = big();
+    let want = fs::read(fixture_binhost().join(&e["PATH"])).unwrap();
+    let case = mount_with(Fault::SlowCorrupt(512 * 1024), &[]);
+    let file = case.mount.path().join(&e["PATH"]);
+    let err = fs::read(&file).expect_err("a corrupt file was completed");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+
+    case.server.set(Fault::Honest);
+    let got = fs::read(&file).unwrap();
+    assert!(
+        got == want,
+        "stale pages from the failed transfer were served"
+    );
+}
+
+#[test]
+fn a_whole_reader_after_ranged_tail_reads_cannot_complete_a_wrong_file() {
+    // Portage's order: a metadata scan reads the head and the tail (ranged), then the digest
+    // pass reads the file whole. The binhost serves a large package with a wrong middle, slowly.
+    support::require_real_parts();
+    let dir = TempDir::new().unwrap();
+    let size = 3 << 20;
+    let mut data: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let good_sha = digest_hex("sha1sum", &data);
+    let good_md5 = digest_hex("md5sum", &data);
+    data[1_600_000] ^= 0xff;
+    fs::create_dir_all(dir.path().join("c/big")).unwrap();
+    fs::write(dir.path().join("c/big/big-1-1.gpkg.tar"), &data).unwrap();
+    fs::write(
+        dir.path().join("Packages"),
+        format!(
+            "TIMESTAMP: 1\nVERSION: 0\n\nCPV: c/big-1\nPATH: c/big/big-1-1.gpkg.tar\n\
+             SIZE: {size}\nMTIME: 1\nSHA1: {good_sha}\nMD5: {good_md5}\n\n"
+        ),
+    )
+    .unwrap();
+    let server = Faulty::start(
+        dir.path(),
+        "c/big/big-1-1.gpkg.tar",
+        Fault::Slow(256 * 1024),
+    );
+    let cache = TempDir::new().unwrap();
+    let mount = Mount::new(&server.url(), cache.path(), &[]).unwrap();
+    let file = mount.path().join("c/big/big-1-1.gpkg.tar");
+
+    let mut f = fs::File::open(&file).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact(&mut buf).unwrap();
+    f.seek(SeekFrom::Start(size as u64 - 4096)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    // Same handle, then a fresh one: both read the whole file; neither may succeed.
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut all = Vec::new();
+    let same = f.read_to_end(&mut all);
+    assert!(
+        same.is_err(),
+        "read the wrong file to the end on the scanning handle"
+    );
+    let fresh = fs::read(&file);
+    assert!(
+        fresh.is_err(),
+        "read the wrong file to the end on a fresh handle"
+    );
+}
+
+fn digest_hex(tool: &str, bytes: &[u8]) -> String {
+    let dir = TempDir::new().unwrap();
+    let f = dir.path().join("x");
+    fs::write(&f, bytes).unwrap();
+    let out = Command::new(tool).arg(&f).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
