@@ -124,8 +124,12 @@ pub struct MountArgs {
     /// Do not watch emerge's merge list.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Serve every read through the daemon, even for complete packages (no FUSE passthrough).
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, noprefetch, allow_other, and the usual mount words.
+    /// stall_timeout=, mtimedb=, noprefetch, nopassthrough, allow_other, and the usual mount
+    /// words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
     /// Internal: report readiness on stdout (used by the detaching parent).
@@ -152,6 +156,8 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// emerge's `mtimedb` to watch for merge lists to prefetch; `None`: no prefetching.
     pub prefetch_mtimedb: Option<PathBuf>,
+    /// Hand complete packages to the kernel (FUSE passthrough) where it supports it.
+    pub passthrough: bool,
 }
 
 /// Mount words that are someone else's business (mount(8), netmount, systemd) or already true.
@@ -197,6 +203,7 @@ impl MountConfig {
         let mut allow_other = None;
         let mut mtimedb = None;
         let mut no_prefetch = a.no_prefetch;
+        let mut passthrough = !a.no_passthrough;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
             match opt.split_once('=') {
                 Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
@@ -212,6 +219,7 @@ impl MountConfig {
                 None if opt.starts_with("x-") => {}
                 None if opt == "allow_other" || opt == "allow_root" => allow_other = Some(true),
                 None if opt == "noprefetch" => no_prefetch = true,
+                None if opt == "nopassthrough" => passthrough = false,
                 None if opt == "rw" => {
                     return Err("option `rw`: binpkgfs is read-only; use `ro`".into());
                 }
@@ -264,6 +272,7 @@ impl MountConfig {
             connect_timeout: Duration::from_secs(10).min(stall_timeout),
             allow_other: allow_other.unwrap_or(is_root),
             prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
+            passthrough,
         })
     }
 }

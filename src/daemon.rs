@@ -212,7 +212,8 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         rt.handle().clone(),
         ttl,
         status,
-    );
+    )
+    .with_passthrough(cfg.passthrough);
 
     let mut options = vec![
         MountOption::FSName(cfg.url.clone()),

@@ -55,6 +55,9 @@ enum Open {
 /// so an inode with a cached (userspace) open stays cached until that handle is released.
 #[derive(Default)]
 struct Passthrough {
+    /// Allowed by the configuration.
+    wanted: bool,
+    /// Allowed, and the kernel agreed.
     enabled: bool,
     backing: HashMap<u64, Weak<BackingId>>,
     cached_opens: HashMap<u64, usize>,
@@ -92,6 +95,12 @@ impl BinpkgFs {
             notifier: Arc::default(),
             status,
         }
+    }
+
+    /// Whether complete packages may be handed to the kernel (FUSE passthrough).
+    pub fn with_passthrough(self, wanted: bool) -> Self {
+        self.passthrough.lock().unwrap().wanted = wanted;
+        self
     }
 
     /// Where the daemon puts the session's notifier (the session is created after `self`).
@@ -256,10 +265,13 @@ impl Filesystem for BinpkgFs {
         let _ = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         // Passthrough (Linux >= 6.9): complete packages are read by the kernel straight from
         // the cache file. Depth 2 lets the cache live on overlayfs.
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        let pt = self.passthrough.get_mut().unwrap();
+        if !pt.wanted {
+            info!("passthrough off (--no-passthrough): serving every read through the daemon");
+        } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok()
         {
-            self.passthrough.get_mut().unwrap().enabled = true;
+            pt.enabled = true;
         } else {
             info!("kernel without FUSE passthrough: serving every read through the daemon");
         }

@@ -546,6 +546,22 @@ fn warm_reads_bypass_the_daemon_and_return_the_same_bytes() {
     let file = mount.path().join(&e["PATH"]);
     assert!(fs::read(&file).unwrap() == want, "warm read (passthrough)");
     assert_eq!(logged_reads(&log, ino), 0, "warm read reached the daemon");
+    drop(mount);
+
+    // The fallback: with passthrough off, the same warm read is served by the daemon.
+    fs::remove_file(&log).unwrap();
+    let mut args = args.to_vec();
+    args.push("--no-passthrough");
+    let mount = Mount::new(&nginx.url(), cache.path(), &args).unwrap();
+    let file = mount.path().join(&e["PATH"]);
+    assert!(
+        fs::read(&file).unwrap() == want,
+        "warm read (daemon-served)"
+    );
+    assert!(
+        logged_reads(&log, ino) > 0,
+        "--no-passthrough still passed through"
+    );
 }
 
 #[test]
