@@ -717,8 +717,8 @@ fn a_whole_reader_after_ranged_tail_reads_cannot_complete_a_wrong_file() {
     let mut data: Vec<u8> = (0..size as u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let good_sha = digest_hex("sha1sum", &data);
-    let good_md5 = digest_hex("md5sum", &data);
+    let good_sha = support::digest_hex("sha1sum", &data);
+    let good_md5 = support::digest_hex("md5sum", &data);
     data[1_600_000] ^= 0xff;
     fs::create_dir_all(dir.path().join("c/big")).unwrap();
     fs::write(dir.path().join("c/big/big-1-1.gpkg.tar"), &data).unwrap();
@@ -757,17 +757,4 @@ fn a_whole_reader_after_ranged_tail_reads_cannot_complete_a_wrong_file() {
         fresh.is_err(),
         "read the wrong file to the end on a fresh handle"
     );
-}
-
-fn digest_hex(tool: &str, bytes: &[u8]) -> String {
-    let dir = TempDir::new().unwrap();
-    let f = dir.path().join("x");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new(tool).arg(&f).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }

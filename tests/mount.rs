@@ -169,8 +169,8 @@ fn rewrite_entry(binhost: &Path, path: &str, bytes: &[u8]) {
     let mut out = render(&header) + "\n";
     for mut e in entries {
         if e["PATH"] == path {
-            e.insert("SHA1".into(), digest("sha1sum", bytes));
-            e.insert("MD5".into(), digest("md5sum", bytes));
+            e.insert("SHA1".into(), support::digest_hex("sha1sum", bytes));
+            e.insert("MD5".into(), support::digest_hex("md5sum", bytes));
             e.insert("SIZE".into(), bytes.len().to_string());
         }
         out += &(render(&e) + "\n");
@@ -192,19 +192,6 @@ fn publish_index(binhost: &Path, text: &str) {
         .set_modified(later)
         .unwrap();
     fs::rename(&tmp, binhost.join("Packages")).unwrap();
-}
-
-fn digest(tool: &str, bytes: &[u8]) -> String {
-    let dir = TempDir::new().unwrap();
-    let f = dir.path().join("x");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new(tool).arg(&f).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 #[test]

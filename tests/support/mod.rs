@@ -221,6 +221,23 @@ pub fn extract_gpkg_image(gpkg: &Path, dest: &Path) -> PathBuf {
         .join(eprefix.trim().trim_start_matches('/'))
 }
 
+/// The hex digest of `bytes` by a coreutils tool (`sha1sum`, `md5sum`), as an index would
+/// carry it.
+pub fn digest_hex(tool: &str, bytes: &[u8]) -> String {
+    let dir = TempDir::new().expect("digest temp dir");
+    let file = dir.path().join("data");
+    fs::write(&file, bytes).expect("write digest input");
+    let out = Command::new(tool)
+        .arg(&file)
+        .output()
+        .expect("run digest tool");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("{tool} printed nothing"))
+        .to_string()
+}
+
 /// Every non-directory below `root`, as sorted paths relative to `root`.
 pub fn list_files(root: &Path) -> Vec<PathBuf> {
     fn walk(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) {
