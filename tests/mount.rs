@@ -574,3 +574,187 @@ fn a_same_size_index_refresh_serves_the_new_index_bytes() {
     assert!(fresh, "the mount kept serving the old index bytes");
     assert!(fs::read(mount.path().join(&e["PATH"])).unwrap() == bytes);
 }
+
+/// Kills the TLS nginx however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real nginx serving the fixture over HTTPS with a certificate for 127.0.0.1 that no system
+/// store trusts. Returns (url, the CA's PEM, the nginx guard, its temp dir).
+fn tls_nginx(root: &Path) -> (String, PathBuf, Killed, TempDir) {
+    let dir = TempDir::with_prefix("binpkgfs-tls.").unwrap();
+    // A throwaway CA and a server certificate for 127.0.0.1 signed by it.
+    let p = |name: &str| dir.path().join(name);
+    let (key, cert, ca) = (p("key.pem"), p("cert.pem"), p("ca.pem"));
+    fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=binpkgfs test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off; master_process off; user root; error_log {d}/error.log; pid {d}/nginx.pid;\n\
+         events {{}}\n\
+         http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+           fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+           server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+             root {}; }} }}\n",
+        cert.display(),
+        key.display(),
+        root.display()
+    );
+    fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let child = Killed(
+        Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(dir.path())
+            .spawn()
+            .unwrap(),
+    );
+    let up = support::wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "TLS nginx did not start");
+    (format!("https://127.0.0.1:{port}"), ca, child, dir)
+}
+
+#[test]
+fn https_binhosts_are_verified_against_the_system_trust_store() {
+    support::require_real_parts();
+    let binhost = TempDir::new().unwrap();
+    copy_fixture_binhost(binhost.path());
+    let (url, cert, _nginx, _dir) = tls_nginx(binhost.path());
+    let mnt = TempDir::new().unwrap();
+    let cache = TempDir::new().unwrap();
+
+    // An untrusted certificate: the mount is refused, with the reason, in one line.
+    let (ok, stderr) = mount_cmd(&[
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        &url,
+        mnt.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.lines().count() == 1, "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert!(!is_mounted(mnt.path()));
+
+    // The same server, its certificate in the trust store the daemon reads: it works.
+    let out = Command::new(support::binpkgfs_bin())
+        .env("SSL_CERT_FILE", &cert)
+        .args(["mount", "--pid-file"])
+        .arg(cache.path().join("pid"))
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .arg(&url)
+        .arg(mnt.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = &fixture_packages()[0];
+    let got = fs::read(mnt.path().join(&e["PATH"]));
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    assert!(got.unwrap() == fs::read(binhost.path().join(&e["PATH"])).unwrap());
+}
+
+#[test]
+fn an_older_index_never_replaces_a_newer_one() {
+    let (binhost, nginx, cache) = setup();
+    let mount = Mount::new(&nginx.url(), cache.path(), &["--index-ttl", "1"]).unwrap();
+    let entries = fixture_packages();
+    // The binhost rolls back to an older index without the first package.
+    let text = fs::read_to_string(binhost.path().join("Packages")).unwrap();
+    let (mut header, rest) = support::parse_packages(&text);
+    let ts: u64 = header["TIMESTAMP"].parse().unwrap();
+    header.insert("TIMESTAMP".into(), (ts - 100).to_string());
+    let render =
+        |b: &IndexEntry| -> String { b.iter().map(|(k, v)| format!("{k}: {v}\n")).collect() };
+    let mut out = render(&header) + "\n";
+    for e in rest.iter().skip(1) {
+        out += &(render(e) + "\n");
+    }
+    publish_index(binhost.path(), &out);
+    // Wait for the daemon to have fetched it (nginx logs the index request) and a bit more.
+    let fetched = support::wait_until(Duration::from_secs(10), || {
+        nginx.count_matching(|l| l.uri == "/Packages" && l.status == 200) >= 2
+    });
+    assert!(fetched, "the refresh never fetched the new index");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        mount.path().join(&entries[0]["PATH"]).exists(),
+        "older index replaced ours"
+    );
+    assert!(fs::read(mount.path().join("Packages")).unwrap() == text.as_bytes());
+}
