@@ -341,26 +341,50 @@ fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
 }
 
 /// Incremental check of a file against every digest the index carries.
+///
+/// MD5 is the slowest of them (no hardware help; about 500 MB/s here, against 1.6 GB/s for
+/// SHA1 with SHA-NI), so it runs on a thread of its own, fed the same chunks: a download is
+/// then checked at the speed of the slowest digest, not of their sum.
 pub struct Verifier {
-    md5: Option<Md5>,
+    md5: Option<Md5Thread>,
     sha1: Option<Sha1>,
     sha512: Option<Sha512>,
     blake2b: Option<blake2::Blake2b512>,
 }
 
+struct Md5Thread {
+    chunks: std::sync::mpsc::SyncSender<Bytes>,
+    result: std::thread::JoinHandle<[u8; 16]>,
+}
+
+impl Md5Thread {
+    fn spawn() -> Md5Thread {
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+        let result = std::thread::spawn(move || {
+            let mut h = Md5::new();
+            for chunk in rx {
+                h.update(&chunk);
+            }
+            h.finalize().into()
+        });
+        Md5Thread { chunks, result }
+    }
+}
+
 impl Verifier {
     pub fn new(d: &Digests) -> Self {
         Verifier {
-            md5: d.md5.map(|_| Md5::new()),
+            md5: d.md5.map(|_| Md5Thread::spawn()),
             sha1: d.sha1.map(|_| Sha1::new()),
             sha512: d.sha512.as_ref().map(|_| Sha512::new()),
             blake2b: d.blake2b.as_ref().map(|_| blake2::Blake2b512::new()),
         }
     }
 
-    pub fn update(&mut self, data: &[u8]) {
-        if let Some(h) = &mut self.md5 {
-            h.update(data);
+    pub fn update(&mut self, data: &Bytes) {
+        if let Some(h) = &self.md5 {
+            // A send fails only if the thread died; `finish` then reports it.
+            let _ = h.chunks.send(data.clone());
         }
         if let Some(h) = &mut self.sha1 {
             h.update(data);
@@ -390,7 +414,12 @@ impl Verifier {
             cmp("SHA1", want, &h.finalize())?;
         }
         if let (Some(h), Some(want)) = (self.md5, &d.md5) {
-            cmp("MD5", want, &h.finalize())?;
+            drop(h.chunks);
+            let got = h
+                .result
+                .join()
+                .map_err(|_| "MD5 thread failed".to_string())?;
+            cmp("MD5", want, &got)?;
         }
         if let (Some(h), Some(want)) = (self.sha512, &d.sha512) {
             cmp("SHA512", &want[..], &h.finalize())?;
@@ -553,11 +582,28 @@ mod tests {
             blake2b: None,
         };
         let mut v = Verifier::new(&d);
-        v.update(data);
+        v.update(&Bytes::from_static(data));
         assert_eq!(v.finish(&d), Ok(()));
         let mut v = Verifier::new(&d);
-        v.update(b"hellp");
+        v.update(&Bytes::from_static(b"hellp"));
         assert!(v.finish(&d).unwrap_err().starts_with("SHA1 mismatch"));
+    }
+
+    #[test]
+    fn md5_alone_catches_a_wrong_file_on_its_thread() {
+        let data = Bytes::from(vec![7u8; 3 << 20]);
+        let d = Digests {
+            md5: Some(Md5::digest(&data).into()),
+            ..Digests::default()
+        };
+        let mut v = Verifier::new(&d);
+        for chunk in data.chunks(1 << 20) {
+            v.update(&Bytes::copy_from_slice(chunk));
+        }
+        assert_eq!(v.finish(&d), Ok(()));
+        let mut v = Verifier::new(&d);
+        v.update(&data.slice(1..));
+        assert!(v.finish(&d).unwrap_err().starts_with("MD5 mismatch"));
     }
 
     /// A real index written by Portage 3.0.83 (`emerge --buildpkg`), kept as a fixture.
