@@ -155,26 +155,35 @@ fn cache_survives_remount_and_a_rebuilt_package_is_fetched_again() {
     assert_eq!(package_gets(&nginx), vec![format!("/{}", rebuilt["PATH"])]);
 }
 
+/// An index's text from its header and entries, as Portage writes it.
+fn render_index<'a>(
+    header: &IndexEntry,
+    entries: impl IntoIterator<Item = &'a IndexEntry>,
+) -> String {
+    let block = |b: &IndexEntry| -> String {
+        b.iter()
+            .map(|(k, v)| format!("{k}: {v}\n"))
+            .collect::<String>()
+            + "\n"
+    };
+    entries
+        .into_iter()
+        .fold(block(header), |out, e| out + &block(e))
+}
+
 /// Updates one entry's SHA1/MD5/SIZE in the binhost's `Packages` for new file contents, and
 /// bumps TIMESTAMP, as a binhost that rebuilt the package would.
 fn rewrite_entry(binhost: &Path, path: &str, bytes: &[u8]) {
     let text = fs::read_to_string(binhost.join("Packages")).unwrap();
-    let (header, entries) = support::parse_packages(&text);
-    let render = |block: &IndexEntry| -> String {
-        block.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
-    };
-    let mut header = header;
+    let (mut header, mut entries) = support::parse_packages(&text);
     let ts: u64 = header["TIMESTAMP"].parse().unwrap();
     header.insert("TIMESTAMP".into(), (ts + 10).to_string());
-    let mut out = render(&header) + "\n";
-    for mut e in entries {
-        if e["PATH"] == path {
-            e.insert("SHA1".into(), support::digest_hex("sha1sum", bytes));
-            e.insert("MD5".into(), support::digest_hex("md5sum", bytes));
-            e.insert("SIZE".into(), bytes.len().to_string());
-        }
-        out += &(render(&e) + "\n");
+    for e in entries.iter_mut().filter(|e| e["PATH"] == path) {
+        e.insert("SHA1".into(), support::digest_hex("sha1sum", bytes));
+        e.insert("MD5".into(), support::digest_hex("md5sum", bytes));
+        e.insert("SIZE".into(), bytes.len().to_string());
     }
+    let out = render_index(&header, &entries);
     publish_index(binhost, &out);
 }
 
@@ -387,16 +396,8 @@ fn index_refresh_shows_new_builds_and_keeps_open_readers_on_their_version() {
     newcomer.insert("CPV".into(), "app-misc/newcomer-1".into());
     let ts: u64 = header["TIMESTAMP"].parse().unwrap();
     header.insert("TIMESTAMP".into(), (ts + 60).to_string());
-    let render =
-        |b: &IndexEntry| -> String { b.iter().map(|(k, v)| format!("{k}: {v}\n")).collect() };
-    let mut out = render(&header) + "\n";
-    for e in rest
-        .iter()
-        .filter(|e| e["PATH"] != victim["PATH"])
-        .chain([&newcomer])
-    {
-        out += &(render(e) + "\n");
-    }
+    let kept = rest.iter().filter(|e| e["PATH"] != victim["PATH"]);
+    let out = render_index(&header, kept.chain([&newcomer]));
     publish_index(binhost.path(), &out);
     fs::remove_file(binhost.path().join(&victim["PATH"])).unwrap();
 
@@ -739,12 +740,7 @@ fn an_older_index_never_replaces_a_newer_one() {
     let (mut header, rest) = support::parse_packages(&text);
     let ts: u64 = header["TIMESTAMP"].parse().unwrap();
     header.insert("TIMESTAMP".into(), (ts - 100).to_string());
-    let render =
-        |b: &IndexEntry| -> String { b.iter().map(|(k, v)| format!("{k}: {v}\n")).collect() };
-    let mut out = render(&header) + "\n";
-    for e in rest.iter().skip(1) {
-        out += &(render(e) + "\n");
-    }
+    let out = render_index(&header, rest.iter().skip(1));
     publish_index(binhost.path(), &out);
     // Wait for the daemon to have fetched it (nginx logs the index request) and a bit more.
     let fetched = support::wait_until(Duration::from_secs(10), || {
