@@ -417,7 +417,7 @@ impl Fetcher {
         file: Arc<File>,
         tx: watch::Sender<State>,
     ) {
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight::new(&self.stats.in_flight);
         let started = Instant::now();
         let pkg = &blob.pkg;
         let adopted = blob.adopted.load(Ordering::Acquire);
@@ -455,7 +455,6 @@ impl Fetcher {
                 let _ = std::fs::remove_file(&partial);
             }
         }
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Receives the body into `file`, publishing progress; `Ok` only for a verified file.
@@ -578,6 +577,22 @@ impl Fetcher {
                 Err(e) => return Err(Failure::Retry(chain(&e))),
             }
         }
+    }
+}
+
+/// Counts a transfer in `status` for exactly as long as it runs, even if it panics.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
