@@ -58,7 +58,10 @@ struct Watch {
     dir: PathBuf,
     name: std::ffi::OsString,
     /// `(watch descriptor, watched directory)`.
-    current: Option<(i32, PathBuf)>,
+    /// The watch, the directory it is on, and that directory's (device, inode): a path can
+    /// come to name another directory (a filesystem mounted over an ancestor) without any
+    /// event reaching the watched one.
+    current: Option<(i32, PathBuf, (u64, u64))>,
     /// The directory that could not be watched last time, if any.
     failed: Option<PathBuf>,
 }
@@ -102,7 +105,7 @@ impl Watch {
             let watching_dir = self
                 .current
                 .as_ref()
-                .is_some_and(|(wd, d)| *wd == ev.wd && *d == self.dir);
+                .is_some_and(|(wd, d, _)| *wd == ev.wd && *d == self.dir);
             if ev.mask & libc::IN_Q_OVERFLOW != 0 {
                 tx.send_modify(|n| *n += 1);
             } else if watching_dir
@@ -112,7 +115,7 @@ impl Watch {
                 tx.send_modify(|n| *n += 1);
             }
             if ev.mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0
-                && self.current.as_ref().is_some_and(|(wd, _)| *wd == ev.wd)
+                && self.current.as_ref().is_some_and(|(wd, _, _)| *wd == ev.wd)
             {
                 self.unwatch();
             }
@@ -124,7 +127,14 @@ impl Watch {
         let Some(want) = self.dir.ancestors().find(|d| d.is_dir()) else {
             return;
         };
-        if self.current.as_ref().is_some_and(|(_, d)| d == want) {
+        let Some(id) = dir_id(want) else {
+            return;
+        };
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(_, d, was)| d == want && *was == id)
+        {
             return;
         }
         let want = want.to_path_buf();
@@ -153,7 +163,7 @@ impl Watch {
         }
         self.failed = None;
         debug!(dir = %want.display(), "watching for the merge list");
-        self.current = Some((wd, want));
+        self.current = Some((wd, want, id));
         // The file may have appeared before the watch did.
         if target && self.dir.join(&self.name).exists() {
             tx.send_modify(|n| *n += 1);
@@ -161,11 +171,17 @@ impl Watch {
     }
 
     fn unwatch(&mut self) {
-        if let Some((wd, _)) = self.current.take() {
+        if let Some((wd, _, _)) = self.current.take() {
             // SAFETY: valid fd; a stale wd only yields EINVAL.
             unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
         }
     }
+}
+
+/// A directory's (device, inode).
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]
@@ -182,6 +198,34 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// A filesystem mounted over an ancestor after the watch began (a late /var mount, a
+    /// chroot): the path now names another directory, and no event reaches the old one.
+    #[test]
+    fn follows_a_directory_replaced_by_a_mount_over_an_ancestor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let var = tmp.path().join("var");
+        let dir = var.join("cache/edb");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mtimedb");
+        let mut rx = spawn(&file).unwrap();
+        rx.mark_unchanged();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&var)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount tmpfs (the tests run as root)");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mtimedbXYZ"), "{}").unwrap();
+        std::fs::rename(dir.join("mtimedbXYZ"), &file).unwrap();
+        let seen = changed_within(&mut rx, 10);
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&var)
+            .status();
+        assert!(seen, "replacement under a new mount not seen");
     }
 
     #[test]
