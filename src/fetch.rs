@@ -139,6 +139,11 @@ impl Blob {
         let Some(fetcher) = self.fetcher.upgrade() else {
             return Err(self.error("shutting down"));
         };
+        if end == self.pkg.size {
+            // Said before the request, not after: a whole reader deciding whether to wait
+            // must never miss an unchecked tail that is already on its way to a reader.
+            self.tail_served.store(true, Ordering::Release);
+        }
         let data = match sparse.read(&fetcher, &self.pkg, (offset, end)).await {
             Ok(data) => data,
             Err(reason) => {
@@ -159,9 +164,6 @@ impl Blob {
             // Promoted meanwhile (by this read or another): bytes past the adopted prefix must
             // come from the verified stream, not from the range.
             return Ok(None);
-        }
-        if data.is_some() && end == self.pkg.size {
-            self.tail_served.store(true, Ordering::Release);
         }
         Ok(data)
     }
@@ -197,6 +199,13 @@ impl Blob {
         if let Some(sparse) = &self.sparse {
             self.adopted.store(sparse.prefix_len(), Ordering::Release);
             self.needs_inval.store(true, Ordering::Release);
+            // Lingering is for ranged blocks; a promoted blob must not keep its cache entry
+            // pinned (and unevictable) after its readers are gone.
+            fetcher
+                .recent
+                .lock()
+                .unwrap()
+                .retain(|b| !std::ptr::eq(Arc::as_ptr(b), Arc::as_ptr(self)));
         }
         tx.send_replace(State::Receiving(0));
         tokio::spawn(fetcher.transfer(self.clone(), partial, file, tx));

@@ -346,7 +346,7 @@ fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
 /// SHA1 with SHA-NI), so it runs on a thread of its own, fed the same chunks: a download is
 /// then checked at the speed of the slowest digest, not of their sum.
 pub struct Verifier {
-    md5: Option<Md5Thread>,
+    md5: Option<Md5Work>,
     sha1: Option<Sha1>,
     sha512: Option<Sha512>,
     blake2b: Option<blake2::Blake2b512>,
@@ -358,23 +358,35 @@ struct Md5Thread {
 }
 
 impl Md5Thread {
-    fn spawn() -> Md5Thread {
+    /// `None` if no thread can be had (a thread limit): MD5 is then hashed inline.
+    fn spawn() -> Option<Md5Thread> {
         let (chunks, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
-        let result = std::thread::spawn(move || {
-            let mut h = Md5::new();
-            for chunk in rx {
-                h.update(&chunk);
-            }
-            h.finalize().into()
-        });
-        Md5Thread { chunks, result }
+        let result = std::thread::Builder::new()
+            .name("md5".into())
+            .spawn(move || {
+                let mut h = Md5::new();
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                h.finalize().into()
+            })
+            .ok()?;
+        Some(Md5Thread { chunks, result })
     }
+}
+
+enum Md5Work {
+    Thread(Md5Thread),
+    Inline(Md5),
 }
 
 impl Verifier {
     pub fn new(d: &Digests) -> Self {
         Verifier {
-            md5: d.md5.map(|_| Md5Thread::spawn()),
+            md5: d.md5.map(|_| match Md5Thread::spawn() {
+                Some(t) => Md5Work::Thread(t),
+                None => Md5Work::Inline(Md5::new()),
+            }),
             sha1: d.sha1.map(|_| Sha1::new()),
             sha512: d.sha512.as_ref().map(|_| Sha512::new()),
             blake2b: d.blake2b.as_ref().map(|_| blake2::Blake2b512::new()),
@@ -382,9 +394,11 @@ impl Verifier {
     }
 
     pub fn update(&mut self, data: &Bytes) {
-        if let Some(h) = &self.md5 {
+        match &mut self.md5 {
             // A send fails only if the thread died; `finish` then reports it.
-            let _ = h.chunks.send(data.clone());
+            Some(Md5Work::Thread(t)) => drop(t.chunks.send(data.clone())),
+            Some(Md5Work::Inline(h)) => h.update(data),
+            None => {}
         }
         if let Some(h) = &mut self.sha1 {
             h.update(data);
@@ -414,11 +428,15 @@ impl Verifier {
             cmp("SHA1", want, &h.finalize())?;
         }
         if let (Some(h), Some(want)) = (self.md5, &d.md5) {
-            drop(h.chunks);
-            let got = h
-                .result
-                .join()
-                .map_err(|_| "MD5 thread failed".to_string())?;
+            let got: [u8; 16] = match h {
+                Md5Work::Thread(t) => {
+                    drop(t.chunks);
+                    t.result
+                        .join()
+                        .map_err(|_| "MD5 thread failed".to_string())?
+                }
+                Md5Work::Inline(h) => h.finalize().into(),
+            };
             cmp("MD5", want, &got)?;
         }
         if let (Some(h), Some(want)) = (self.sha512, &d.sha512) {

@@ -19,6 +19,7 @@
 //!   for; a newer list replaces a running batch (transfers already started run to the end).
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -192,16 +193,33 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
 
 /// The merge list in `mtimedb`: `Ok(None)` if there is no merge in progress (or no file),
 /// `Err` if the file cannot be read or parsed (logged at debug).
+/// Real mtimedb files are a few KiB to a few hundred KiB; a larger one is not emerge's.
+const MAX_MTIMEDB: u64 = 16 << 20;
+
 async fn read(path: &Path) -> Result<Option<MergeList>, ()> {
-    let raw = match tokio::fs::read(path).await {
-        Ok(raw) => raw,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            debug!(path = %path.display(), "merge list not readable: {e}");
-            return Err(());
+    let path = path.to_path_buf();
+    // Reading and parsing JSON is blocking work: keep it off the runtime's workers.
+    let parsed = tokio::task::spawn_blocking(move || {
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: not readable: {e}", path.display())),
+        };
+        let mut raw = Vec::new();
+        std::io::Read::take(file, MAX_MTIMEDB + 1)
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("{}: not readable: {e}", path.display()))?;
+        if raw.len() as u64 > MAX_MTIMEDB {
+            return Err(format!(
+                "{}: larger than {MAX_MTIMEDB} bytes",
+                path.display()
+            ));
         }
-    };
-    parse(&raw).map_err(|e| debug!(path = %path.display(), "merge list not usable (yet): {e}"))
+        parse(&raw).map_err(|e| format!("{}: not usable (yet): {e}", path.display()))
+    })
+    .await
+    .map_err(|e| debug!("merge list reader failed: {e}"))?;
+    parsed.map_err(|e| debug!("merge list {e}"))
 }
 
 /// Fetches `packages` in order, `PARALLEL` at a time, up to `limit` bytes.
