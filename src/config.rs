@@ -60,7 +60,7 @@ pub struct PrefetchArgs {
     /// The EROOT whose installed packages --world-updates compares against.
     #[arg(long, default_value = "/")]
     pub root: PathBuf,
-    /// `cat/pkg` (every version, newest build of each), `cat/pkg-1.2` (newest build), or a file
+    /// `cat/pkg` (every version in the index, newest build of each: a binhost that keeps many versions means many downloads), `cat/pkg-1.2` (newest build), or a file
     /// path relative to the mount.
     #[arg(value_name = "ATOM-OR-PATH")]
     pub targets: Vec<String>,

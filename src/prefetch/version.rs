@@ -12,9 +12,10 @@ pub struct Version {
     /// Numeric components as written (`1`, `2`, `03`).
     nums: Vec<String>,
     letter: Option<u8>,
-    /// `(rank, number)`: rank orders the suffix kinds, number defaults to 0.
-    suffixes: Vec<(u8, u64)>,
-    revision: u64,
+    /// `(rank, digits)`: rank orders the suffix kinds; digits as written ("" means 0), so
+    /// numbers of any length compare without overflow.
+    suffixes: Vec<(u8, String)>,
+    revision: String,
 }
 
 const SUFFIXES: [(&str, u8); 5] = [("alpha", 0), ("beta", 1), ("pre", 2), ("rc", 3), ("p", 5)];
@@ -25,9 +26,9 @@ impl Version {
     pub fn parse(s: &str) -> Option<Version> {
         let (main, revision) = match s.rsplit_once("-r") {
             Some((main, rev)) if !rev.is_empty() && rev.bytes().all(|b| b.is_ascii_digit()) => {
-                (main, rev.parse().ok()?)
+                (main, rev.to_string())
             }
-            _ => (s, 0),
+            _ => (s, String::new()),
         };
         let mut parts = main.split('_');
         let head = parts.next()?;
@@ -50,7 +51,7 @@ impl Version {
             if !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            suffixes.push((rank, digits.parse().unwrap_or(0)));
+            suffixes.push((rank, digits.to_string()));
         }
         Some(Version {
             nums,
@@ -66,7 +67,7 @@ impl Ord for Version {
         compare_numbers(&self.nums, &other.nums)
             .then_with(|| self.letter.cmp(&other.letter))
             .then_with(|| compare_suffixes(&self.suffixes, &other.suffixes))
-            .then_with(|| self.revision.cmp(&other.revision))
+            .then_with(|| compare_integers(&self.revision, &other.revision))
     }
 }
 
@@ -101,11 +102,11 @@ fn compare_numbers(a: &[String], b: &[String]) -> Ordering {
     a.len().cmp(&b.len())
 }
 
-fn compare_suffixes(a: &[(u8, u64)], b: &[(u8, u64)]) -> Ordering {
+fn compare_suffixes(a: &[(u8, String)], b: &[(u8, String)]) -> Ordering {
+    let none = (NO_SUFFIX, String::new());
     for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or((NO_SUFFIX, 0));
-        let y = b.get(i).copied().unwrap_or((NO_SUFFIX, 0));
-        let o = x.cmp(&y);
+        let (x, y) = (a.get(i).unwrap_or(&none), b.get(i).unwrap_or(&none));
+        let o = x.0.cmp(&y.0).then_with(|| compare_integers(&x.1, &y.1));
         if o != Ordering::Equal {
             return o;
         }
@@ -171,6 +172,11 @@ mod tests {
         assert_eq!(v("01").cmp(&v("1")), Ordering::Equal);
         assert_eq!(v("1.01").cmp(&v("1.010")), Ordering::Equal);
         assert!(v("12345678901234567890123") > v("12345678901234567890122"));
+        // Suffix numbers and revisions of any length (they used to overflow to 0).
+        assert!(v("1.0_p99999999999999999999999") > v("1.0_p0"));
+        assert!(v("1.0-r99999999999999999999999") > v("1.0-r1"));
+        assert_eq!(v("1.0_rc").cmp(&v("1.0_rc0")), Ordering::Equal);
+        assert_eq!(v("1.0-r01").cmp(&v("1.0-r1")), Ordering::Equal);
     }
 
     #[test]
