@@ -242,15 +242,10 @@ fn everything_is_read_only_and_readable_by_other_users() {
         );
     }
     // The `portage` user reads through the mount.
-    let out = Command::new("setpriv")
-        .args(["--reuid=250", "--regid=250", "--clear-groups", "cat"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::run_ok(
+        Command::new("setpriv")
+            .args(["--reuid=250", "--regid=250", "--clear-groups", "cat"])
+            .arg(&file),
     );
     assert_eq!(out.stdout.len().to_string(), e["SIZE"]);
 }
@@ -430,15 +425,10 @@ fn status_reports_the_mount() {
     let e = &fixture_packages()[0];
     fs::read(mount.path().join(&e["PATH"])).unwrap();
     let status = || {
-        let out = Command::new(support::binpkgfs_bin())
-            .args(["status", "--json"])
-            .arg(mount.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = support::run_ok(
+            Command::new(support::binpkgfs_bin())
+                .args(["status", "--json"])
+                .arg(mount.path()),
         );
         String::from_utf8(out.stdout).unwrap()
     };
@@ -468,16 +458,8 @@ fn status_reports_the_mount() {
 #[test]
 fn demo_mounts_the_builtin_binhost_reads_every_package_and_cleans_up() {
     support::require_real_parts();
-    let out = Command::new(support::binpkgfs_bin())
-        .arg("demo")
-        .output()
-        .unwrap();
+    let out = support::run_ok(Command::new(support::binpkgfs_bin()).arg("demo"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for e in fixture_packages() {
         let pf = e["CPV"].rsplit('/').next().unwrap().to_string();
         assert!(
@@ -599,16 +581,7 @@ fn tls_nginx(root: &Path) -> (String, PathBuf, Killed, TempDir) {
     )
     .unwrap();
     let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(dir.path())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::run_ok(Command::new("openssl").current_dir(dir.path()).args(args));
     };
     openssl(&[
         "req",
@@ -709,20 +682,15 @@ fn https_binhosts_are_verified_against_the_system_trust_store() {
     assert!(!is_mounted(mnt.path()));
 
     // The same server, its certificate in the trust store the daemon reads: it works.
-    let out = Command::new(support::binpkgfs_bin())
-        .env("SSL_CERT_FILE", &cert)
-        .args(["mount", "--pid-file"])
-        .arg(cache.path().join("pid"))
-        .arg("--cache-dir")
-        .arg(cache.path())
-        .arg(&url)
-        .arg(mnt.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::run_ok(
+        Command::new(support::binpkgfs_bin())
+            .env("SSL_CERT_FILE", &cert)
+            .args(["mount", "--pid-file"])
+            .arg(cache.path().join("pid"))
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .arg(&url)
+            .arg(mnt.path()),
     );
     let e = &fixture_packages()[0];
     let got = fs::read(mnt.path().join(&e["PATH"]));

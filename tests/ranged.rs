@@ -23,16 +23,11 @@ fn big_binhost() -> PathBuf {
     DIR.get_or_init(|| {
         support::require_real_parts();
         let dir = TempDir::with_prefix("binpkgfs-big.").unwrap();
-        let out = Command::new("bash")
-            .arg(support::crate_root().join("tests/fixtures/make-binhost.sh"))
-            .arg(dir.path())
-            .arg("app-misc/demo-big")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        support::run_ok(
+            Command::new("bash")
+                .arg(support::crate_root().join("tests/fixtures/make-binhost.sh"))
+                .arg(dir.path())
+                .arg("app-misc/demo-big"),
         );
         dir
     })

@@ -256,7 +256,8 @@ pub fn list_files(root: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn run_ok(cmd: &mut Command) {
+/// Runs `cmd` to completion and panics, with its output, unless it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
     let output = cmd
         .stdin(Stdio::null())
         .output()
@@ -266,6 +267,7 @@ fn run_ok(cmd: &mut Command) {
         "{cmd:?} failed: {}",
         describe(&output)
     );
+    output
 }
 
 // ---------------------------------------------------------------------------
