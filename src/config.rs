@@ -16,6 +16,10 @@ pub const DEFAULT_MOUNTPOINT: &str = "/var/cache/binpkgs";
 pub const DEFAULT_MTIMEDB: &str = "/var/cache/edb/mtimedb";
 /// 10 GiB: room for a typical world update without filling a small root filesystem.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+/// Four ranged streams per large package: enough to fill a link whose server or path caps
+/// each connection, few enough not to look like abuse to a shared binhost.
+pub const DEFAULT_STREAMS: usize = 4;
+pub const MAX_STREAMS: usize = 16;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -127,8 +131,12 @@ pub struct MountArgs {
     /// Serve every read through the daemon, even for complete packages (no FUSE passthrough).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Connections one large package may be fetched over, as parallel ranges when the server
+    /// does ranges; 1 fetches each package as one stream [default: 4].
+    #[arg(long)]
+    pub streams: Option<String>,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, noprefetch, nopassthrough, allow_other, and the usual mount
+    /// stall_timeout=, mtimedb=, streams=, noprefetch, nopassthrough, allow_other, and the usual mount
     /// words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
@@ -158,6 +166,8 @@ pub struct MountConfig {
     pub prefetch_mtimedb: Option<PathBuf>,
     /// Hand complete packages to the kernel (FUSE passthrough) where it supports it.
     pub passthrough: bool,
+    /// Parallel ranged streams per large package (1: one stream).
+    pub streams: usize,
 }
 
 /// Mount words that are someone else's business (mount(8), netmount, systemd) or already true.
@@ -200,6 +210,7 @@ impl MountConfig {
         let mut log_file = None;
         let mut pid_file = None;
         let mut stall = None;
+        let mut streams = None;
         let mut allow_other = None;
         let mut mtimedb = None;
         let mut no_prefetch = a.no_prefetch;
@@ -214,6 +225,7 @@ impl MountConfig {
                 Some(("pid_file", v)) => pid_file = Some(PathBuf::from(v)),
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
+                Some(("streams", v)) => streams = Some(v.to_string()),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
@@ -245,6 +257,13 @@ impl MountConfig {
         };
         let index_ttl = secs("index TTL", a.index_ttl.or(index_ttl), 300)?;
         let stall_timeout = secs("stall timeout", a.stall_timeout.or(stall), 30)?;
+        let streams = match a.streams.or(streams) {
+            None => DEFAULT_STREAMS,
+            Some(s) => match s.trim().parse::<usize>() {
+                Ok(n @ 1..=MAX_STREAMS) => n,
+                _ => return Err(format!("streams {s:?}: expected 1 to {MAX_STREAMS}")),
+            },
+        };
         let log_level = a.log_level.or(log_level).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| format!("log level {log_level:?}: {e}"))?;
@@ -273,6 +292,7 @@ impl MountConfig {
             allow_other: allow_other.unwrap_or(is_root),
             prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
             passthrough,
+            streams,
         })
     }
 }
@@ -382,6 +402,20 @@ mod tests {
         let e = cfg(&["--index-ttl", "0", "http://h/x", "/mnt"]).unwrap_err();
         assert!(e.contains("index TTL"), "{e}");
         assert!(cfg(&["--cache-size", "big", "http://h/x", "/mnt"]).is_err());
+        for bad in ["0", "17", "many"] {
+            let e = cfg(&["-o", &format!("streams={bad}"), "http://h/x", "/mnt"]).unwrap_err();
+            assert!(e.contains("streams"), "{e}");
+        }
+        assert_eq!(
+            cfg(&["http://h/x", "/mnt"]).unwrap().streams,
+            DEFAULT_STREAMS
+        );
+        assert_eq!(
+            cfg(&["--streams", "1", "http://h/x", "/mnt"])
+                .unwrap()
+                .streams,
+            1
+        );
         assert!(cfg(&["--log-level", "no[such", "http://h/x", "/mnt"]).is_err());
     }
 

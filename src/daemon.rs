@@ -203,7 +203,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         store.clone(),
         cfg.url.clone(),
     ))?);
-    let fetcher = Arc::new(Fetcher::new(remote, store));
+    let fetcher = Arc::new(Fetcher::new(remote, store).with_streams(cfg.streams));
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
     let ttl = crate::fs::attr_ttl(cfg.index_ttl);
     let fs = BinpkgFs::new(

@@ -31,6 +31,7 @@ use crate::cache::Store;
 use crate::error::FsError;
 use crate::index::{CacheKey, Package, Verifier};
 use crate::remote::{Remote, RemoteError, chain};
+use crate::segment::{PartGuard, Segments};
 use crate::sparse::Sparse;
 use reqwest::StatusCode;
 
@@ -268,6 +269,11 @@ pub struct Fetcher {
     /// Set when the binhost could not be connected to: until then, transfers fail at once
     /// instead of each waiting out connect timeouts (offline reads fail fast, logged once).
     offline: Mutex<Option<(Instant, String)>>,
+    /// Connections one large whole transfer may use (see `segment`).
+    streams: usize,
+    /// The server said it does ranges, then answered one with the whole file: later
+    /// transfers stay one stream (that answer is still used, it is just wasteful).
+    ranges_ignored: AtomicBool,
     pub stats: Stats,
 }
 
@@ -286,8 +292,16 @@ impl Fetcher {
             active: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
             offline: Mutex::new(None),
+            streams: 1,
+            ranges_ignored: AtomicBool::new(false),
             stats: Stats::default(),
         }
+    }
+
+    /// Lets a large whole transfer use up to `n` connections as parallel ranges.
+    pub fn with_streams(mut self, n: usize) -> Self {
+        self.streams = n.max(1);
+        self
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -477,14 +491,23 @@ impl Fetcher {
     ///
     /// `prefix` is a sparse file whose first bytes readers already hold: they are fed to the
     /// writer first (hashed and checked like the rest), and the network resumes after them.
+    ///
+    /// A large file from a server that does ranges is split (see `segment`): this stream
+    /// fetches the head, part fetchers the rest, and the writer hashes the parts in order.
     async fn receive(
-        &self,
+        self: &Arc<Self>,
         pkg: &Package,
         file: Arc<File>,
         tx: &watch::Sender<State>,
         prefix: Option<(&File, u64)>,
     ) -> Result<(), String> {
         let (chunks, rx) = mpsc::channel::<Bytes>(16);
+        let parts = Arc::new(OnceLock::new());
+        let mut split = Split {
+            parts: parts.clone(),
+            file: file.clone(),
+            tasks: Vec::new(),
+        };
         let writer = {
             let (size, digests, tx, store) = (
                 pkg.size,
@@ -493,7 +516,7 @@ impl Fetcher {
                 self.store.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                write_and_verify(rx, &file, size, &digests, &tx, &store)
+                write_and_verify(rx, &file, size, &digests, &tx, &store, &parts)
             })
         };
         let mut have = 0u64;
@@ -511,7 +534,10 @@ impl Fetcher {
         }
         let mut attempt = 0;
         let failure = loop {
-            match self.attempt(pkg, &chunks, &mut have, attempt > 0).await {
+            match self
+                .attempt(pkg, &chunks, &mut have, attempt > 0, &mut split)
+                .await
+            {
                 Ok(()) | Err(Failure::WriterGone) => break None,
                 Err(Failure::Fatal(e)) => break Some(e),
                 Err(Failure::Retry(e)) if attempt >= RETRIES => break Some(e),
@@ -524,6 +550,10 @@ impl Fetcher {
             }
         };
         drop(chunks);
+        if failure.is_some() {
+            // The writer must not wait for parts of a transfer that has already failed.
+            split.cancel();
+        }
         let written = writer
             .await
             .map_err(|e| format!("writer task failed: {e}"))?;
@@ -535,13 +565,15 @@ impl Fetcher {
         }
     }
 
-    /// One request, from byte `have` on; `Ok` when the body ended with the whole file sent.
+    /// One request, from byte `have` on; `Ok` when the body ended with the whole file sent
+    /// (or the whole head, once the transfer is split).
     async fn attempt(
-        &self,
+        self: &Arc<Self>,
         pkg: &Package,
         chunks: &mpsc::Sender<Bytes>,
         have: &mut u64,
         retrying: bool,
+        split: &mut Split,
     ) -> Result<(), Failure> {
         // The breaker only stops new transfers: one already under way (or resuming) keeps its
         // bytes and its retries, since a binhost restart is exactly when connects fail.
@@ -549,7 +581,17 @@ impl Fetcher {
         if fresh {
             self.check_online().map_err(Failure::Fatal)?;
         }
-        let mut body = match self.remote.open(&pkg.path, *have).await {
+        // Split on the first answer: ask for the head only; a 206 says the server does ranges.
+        let plan = match split.parts.get() {
+            Some(_) => None,
+            None => self.plan(pkg, *have),
+        };
+        let head_end = split
+            .parts
+            .get()
+            .map(|p| p.start())
+            .or(plan.as_ref().map(|(end, _)| *end));
+        let mut body = match self.remote.open(&pkg.path, *have, head_end).await {
             Ok(body) => body,
             Err(e) if e.is_connect() && fresh => {
                 return Err(Failure::Fatal(self.went_offline(&e)));
@@ -557,18 +599,53 @@ impl Fetcher {
             Err(e) => return Err(Failure::from_remote(e)),
         };
         *self.offline.lock().unwrap() = None;
+        let expect = match head_end {
+            Some(end) if body.is_partial() => end - *have,
+            _ => pkg.size - *have,
+        };
         if let Some(n) = body.announced_len()
-            && n != pkg.size - *have
+            && n != expect
         {
-            return Err(Failure::Fatal(format!(
-                "server announces {} bytes, index SIZE is {}",
-                n + *have,
-                pkg.size
-            )));
+            return Err(Failure::Fatal(if expect == pkg.size - *have {
+                format!(
+                    "server announces {} bytes, index SIZE is {}",
+                    n + *have,
+                    pkg.size
+                )
+            } else {
+                format!("server announces {n} bytes for a range of {expect}")
+            }));
         }
-        loop {
+        let limit = match (head_end, plan) {
+            (Some(end), Some((_, segs))) if body.is_partial() => {
+                self.start_parts(pkg, segs, split);
+                end
+            }
+            (Some(end), None) => end,
+            // The server sent the whole file: one stream, no parts.
+            _ => pkg.size,
+        };
+        while *have < limit {
             match body.chunk().await {
-                Ok(Some(chunk)) => {
+                Ok(Some(mut chunk)) => {
+                    let len = chunk.len() as u64;
+                    if *have + len > limit {
+                        if limit == pkg.size {
+                            return Err(Failure::Fatal(format!(
+                                "server sent more than SIZE ({} bytes)",
+                                pkg.size
+                            )));
+                        }
+                        if body.is_partial() {
+                            return Err(Failure::Fatal(format!(
+                                "server sent more than the range {}-{} asked for",
+                                *have,
+                                limit - 1
+                            )));
+                        }
+                        // The rest of this answer belongs to the parts: stop here.
+                        chunk.truncate((limit - *have) as usize);
+                    }
                     let len = chunk.len() as u64;
                     self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
                     if chunks.send(chunk).await.is_err() {
@@ -576,16 +653,161 @@ impl Fetcher {
                     }
                     *have += len;
                 }
-                Ok(None) if *have < pkg.size => {
+                Ok(None) => {
                     return Err(Failure::Retry(format!(
                         "truncated at {} of {} bytes",
                         *have, pkg.size
                     )));
                 }
-                Ok(None) => return Ok(()),
                 Err(e) => return Err(Failure::Retry(chain(&e))),
             }
         }
+        Ok(())
+    }
+
+    /// How this transfer would be split from byte `have` on, if it is worth several streams
+    /// and the server has not shown it cannot do ranges. Only a 206 answer to the head's
+    /// bounded request turns the plan into parts.
+    fn plan(&self, pkg: &Package, have: u64) -> Option<(u64, Segments)> {
+        if self.streams < 2 || self.ranges_ignored.load(Ordering::Relaxed) {
+            return None;
+        }
+        Segments::plan(have, pkg.size, self.streams)
+    }
+
+    /// Starts a fetcher for each part after the head.
+    fn start_parts(self: &Arc<Self>, pkg: &Package, segs: Segments, split: &mut Split) {
+        let segs = Arc::new(segs);
+        debug!(path = %pkg.path, parts = segs.spans().len() + 1, "fetching in parallel parts");
+        let _ = split.parts.set(segs.clone());
+        for i in 0..segs.spans().len() {
+            split.tasks.push(tokio::spawn(self.clone().fetch_part(
+                pkg.clone(),
+                split.file.clone(),
+                segs.clone(),
+                i,
+            )));
+        }
+    }
+
+    /// Fetches part `i` of a split transfer into `file`, resuming after transient failures
+    /// like the head does; reports progress or failure to the writer through `segs`.
+    async fn fetch_part(
+        self: Arc<Self>,
+        pkg: Package,
+        file: Arc<File>,
+        segs: Arc<Segments>,
+        i: usize,
+    ) {
+        let mut guard = PartGuard::new(&segs, i);
+        let (from, to) = segs.spans()[i];
+        let mut got = 0u64;
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.part_attempt(&pkg, &file, &segs, i, &mut got).await {
+                Ok(()) => break Ok(()),
+                Err(Failure::Retry(e)) if attempt < RETRIES => {
+                    attempt += 1;
+                    debug!(path = %pkg.path, from, to, got, "part interrupted ({e}); retry {attempt}/{RETRIES}");
+                    tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
+                }
+                Err(Failure::Retry(e) | Failure::Fatal(e)) => break Err(e),
+                Err(Failure::WriterGone) => break Err("writer stopped".into()),
+            }
+        };
+        if let Err(reason) = outcome {
+            segs.fail(i, format!("bytes {from}-{}: {reason}", to - 1));
+        }
+        guard.reported();
+    }
+
+    /// One request for the rest of part `i`; `Ok` once the part is on disk.
+    async fn part_attempt(
+        &self,
+        pkg: &Package,
+        file: &File,
+        segs: &Segments,
+        i: usize,
+        got: &mut u64,
+    ) -> Result<(), Failure> {
+        let (from, to) = segs.spans()[i];
+        let start = from + *got;
+        let mut body = self
+            .remote
+            .open(&pkg.path, start, Some(to))
+            .await
+            .map_err(Failure::from_remote)?;
+        if !body.is_partial() && !self.ranges_ignored.swap(true, Ordering::Relaxed) {
+            warn!(path = %pkg.path, "the binhost answered a range request with the whole file; large packages will be fetched as one stream");
+        }
+        let expect = if body.is_partial() {
+            to - start
+        } else {
+            pkg.size - start
+        };
+        if let Some(n) = body.announced_len()
+            && n != expect
+        {
+            return Err(Failure::Fatal(format!(
+                "server announces {n} bytes for a range of {expect}"
+            )));
+        }
+        while from + *got < to {
+            match body.chunk().await {
+                Ok(Some(mut chunk)) => {
+                    let len = chunk.len() as u64;
+                    if from + *got + len > to {
+                        if body.is_partial() {
+                            return Err(Failure::Fatal(format!(
+                                "server sent more than the range {from}-{} asked for",
+                                to - 1
+                            )));
+                        }
+                        // The whole file came: the rest is another part's.
+                        chunk.truncate((to - from - *got) as usize);
+                    }
+                    let len = chunk.len() as u64;
+                    write_making_room(file, &chunk, from + *got, &self.store)
+                        .map_err(Failure::Fatal)?;
+                    self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    *got += len;
+                    segs.advance(i, *got);
+                }
+                Ok(None) => {
+                    return Err(Failure::Retry(format!(
+                        "range truncated at {} of {to}",
+                        from + *got
+                    )));
+                }
+                Err(e) => return Err(Failure::Retry(chain(&e))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parts of a transfer, if it was split, and their fetchers: dropping it (the transfer is
+/// over) stops them, and any writer still waiting is told so.
+struct Split {
+    parts: Arc<OnceLock<Arc<Segments>>>,
+    file: Arc<File>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Split {
+    fn cancel(&self) {
+        if let Some(segs) = self.parts.get() {
+            segs.cancel();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        self.cancel();
     }
 }
 
@@ -649,6 +871,7 @@ fn write_and_verify(
     digests: &crate::index::Digests,
     tx: &watch::Sender<State>,
     store: &Store,
+    parts: &OnceLock<Arc<Segments>>,
 ) -> Result<(), String> {
     let mut verifier = Verifier::new(digests);
     let mut have = 0u64;
@@ -662,10 +885,43 @@ fn write_and_verify(
         have += len;
         tx.send_replace(State::Receiving(have));
     }
+    if let Some(segs) = parts.get()
+        && have == segs.start()
+    {
+        follow_parts(segs, file, &mut verifier, &mut have, tx)?;
+    }
     if have != size {
         return Err(format!("truncated: got {have} of {size} bytes"));
     }
     verifier.finish(digests)
+}
+
+/// After the head: hashes each part in file order as its fetcher fills it, reading it back
+/// from the page cache, and only then publishes its bytes to readers.
+fn follow_parts(
+    segs: &Segments,
+    file: &File,
+    verifier: &mut Verifier,
+    have: &mut u64,
+    tx: &watch::Sender<State>,
+) -> Result<(), String> {
+    const PIECE: u64 = 1 << 20;
+    for (i, &(from, to)) in segs.spans().iter().enumerate() {
+        let mut done = 0;
+        while done < to - from {
+            let filled = segs.wait_beyond(i, done)?;
+            while done < filled {
+                let mut buf = vec![0u8; (filled - done).min(PIECE) as usize];
+                file.read_exact_at(&mut buf, from + done)
+                    .map_err(|e| format!("reading back cache file: {e}"))?;
+                done += buf.len() as u64;
+                verifier.update(&Bytes::from(buf));
+                *have = from + done;
+                tx.send_replace(State::Receiving(*have));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes at `offset`; when the cache's disk is full, evicts unpinned entries one by one and

@@ -19,6 +19,7 @@ mod logging;
 mod namespace;
 mod prefetch;
 mod remote;
+mod segment;
 mod sparse;
 mod status;
 

@@ -209,36 +209,44 @@ impl Remote {
         }
     }
 
-    /// Starts reading one package file at byte `from` (a resumed transfer). A server that
-    /// ignores the Range request and sends the whole file is handled: the body skips `from`
-    /// bytes, so the caller always receives bytes from `from` on.
-    pub async fn open(&self, path: &str, from: u64) -> Result<Body, RemoteError> {
+    /// Starts reading one package file at byte `from` (a resumed transfer, or a part of a
+    /// split one), asking for bytes up to `to` if given, else to the end. A server that
+    /// ignores the Range request and sends the whole file (`!is_partial()`) is handled: the
+    /// body skips `from` bytes, so the caller always receives bytes from `from` on, and stops
+    /// reading where it wants to.
+    pub async fn open(&self, path: &str, from: u64, to: Option<u64>) -> Result<Body, RemoteError> {
         match self {
             Remote::Http { base, client } => {
                 let url = Self::http_url(base, path);
                 let mut req = client.get(url.clone());
-                if from > 0 {
-                    req = req.header(header::RANGE, format!("bytes={from}-"));
+                let last = to.map(|t| t.saturating_sub(1).to_string());
+                if from > 0 || last.is_some() {
+                    let last = last.as_deref().unwrap_or("");
+                    req = req.header(header::RANGE, format!("bytes={from}-{last}"));
                 }
                 let resp = req.send().await.map_err(|source| RemoteError::Http {
                     url: url.to_string(),
                     source,
                 })?;
-                let skip = match resp.status() {
-                    StatusCode::OK => from,
-                    StatusCode::PARTIAL_CONTENT if from > 0 => {
+                let (skip, partial) = match resp.status() {
+                    StatusCode::OK => (from, false),
+                    StatusCode::PARTIAL_CONTENT if from > 0 || to.is_some() => {
                         let range = resp
                             .headers()
                             .get(header::CONTENT_RANGE)
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("");
-                        if !range.starts_with(&format!("bytes {from}-")) {
+                        let want = match &last {
+                            Some(last) => format!("bytes {from}-{last}/"),
+                            None => format!("bytes {from}-"),
+                        };
+                        if !range.starts_with(&want) {
                             return Err(RemoteError::BadRange {
                                 url: url.to_string(),
                                 range: range.to_string(),
                             });
                         }
-                        0
+                        (0, true)
                     }
                     status => {
                         return Err(RemoteError::Status {
@@ -250,6 +258,7 @@ impl Remote {
                 Ok(Body {
                     name: url.to_string(),
                     skip,
+                    partial,
                     inner: BodyInner::Http(resp),
                 })
             }
@@ -270,6 +279,8 @@ impl Remote {
                 Ok(Body {
                     name,
                     skip: 0,
+                    // Local storage gains nothing from parallel streams: never split.
+                    partial: false,
                     inner: BodyInner::File(file, *stall),
                 })
             }
@@ -366,6 +377,8 @@ pub struct Body {
     name: String,
     /// Bytes still to drop from the front (a 200 answer to a Range request).
     skip: u64,
+    /// The server honoured the Range request (206): the body is the range asked for.
+    partial: bool,
     inner: BodyInner,
 }
 
@@ -378,12 +391,18 @@ const FILE_CHUNK: usize = 1 << 20;
 
 impl Body {
     /// How many bytes the server announced it will send from the caller's start offset, if it
-    /// said (checked against SIZE before any byte is kept).
+    /// said (checked before any byte is kept): the rest of the file, or for an honoured
+    /// bounded range (`is_partial`), the range.
     pub fn announced_len(&self) -> Option<u64> {
         match &self.inner {
             BodyInner::Http(resp) => resp.content_length().map(|n| n.saturating_sub(self.skip)),
             BodyInner::File(..) => None,
         }
+    }
+
+    /// The server sent the range asked for (206), not the whole file.
+    pub fn is_partial(&self) -> bool {
+        self.partial
     }
 
     /// The next chunk, or `None` at the end of the body.

@@ -46,6 +46,13 @@ enum Fault {
     Slow(usize),
     /// Like `Slow`, with bytes 4096..4104 wrong.
     SlowCorrupt(usize),
+    /// Honest, except that ranges starting past byte 0 have their middle byte flipped.
+    CorruptRanges,
+    /// Honest, except that the first range of 1 MiB or more starting past byte 0 (a part of a
+    /// split transfer, not a sparse block) stops after this many bytes.
+    TruncatePartOnce(usize),
+    /// Ignores Range headers: always the whole file with 200.
+    NoRanges,
 }
 
 struct Faulty {
@@ -53,7 +60,7 @@ struct Faulty {
     fault: Arc<Mutex<Fault>>,
     /// The package the fault applies to; every other file is served honestly.
     target: String,
-    /// "METHOD URI RANGE" of every request.
+    /// "METHOD URI FROM TO" of every request (the Range header's bounds, as Options).
     log: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     index: Arc<Mutex<Vec<u8>>>,
@@ -174,9 +181,11 @@ fn serve(
         parts.next().unwrap_or(""),
         parts.next().unwrap_or("").to_string(),
     );
-    log.lock()
-        .unwrap()
-        .push(format!("{method} {uri} {:?}", range.map(|r| r.0)));
+    log.lock().unwrap().push(format!(
+        "{method} {uri} {:?} {:?}",
+        range.map(|r| r.0),
+        range.and_then(|r| r.1)
+    ));
 
     let body = if uri == "/Packages" {
         index
@@ -187,7 +196,14 @@ fn serve(
         }
     };
     let fault = if uri == target { fault } else { Fault::Honest };
-    let is_first = uri == target && first.swap(false, Ordering::Relaxed);
+    let is_first = uri == target
+        && matches!(fault, Fault::TruncateOnce(_))
+        && first.swap(false, Ordering::Relaxed);
+    let mid_range = matches!(range, Some((from, _)) if from > 0);
+    let first_part = uri == target
+        && matches!(range, Some((from, Some(to))) if from > 0 && to - from >= 1 << 20)
+        && matches!(fault, Fault::TruncatePartOnce(_))
+        && first.swap(false, Ordering::Relaxed);
     let len = body.len();
     match fault {
         Fault::Honest => honest(&mut conn, &body, range),
@@ -215,6 +231,28 @@ fn serve(
             Ok(())
         }
         Fault::TruncateOnce(_) if !is_first => honest(&mut conn, &body, range),
+        Fault::CorruptRanges if mid_range => {
+            let (from, to) = range.unwrap();
+            let to = to.map_or(len, |t| t + 1);
+            let mut body = body.clone();
+            body[(from + to) / 2] ^= 0x01;
+            honest(&mut conn, &body, range)
+        }
+        Fault::TruncatePartOnce(n) if first_part => {
+            let (from, to) = range.unwrap();
+            let to = to.map_or(len, |t| t + 1);
+            respond(
+                &mut conn,
+                "206 Partial Content",
+                &[
+                    ("Content-Length", (to - from).to_string()),
+                    ("Content-Range", format!("bytes {from}-{}/{len}", to - 1)),
+                ],
+                &body[from..from + n],
+            )
+        }
+        Fault::CorruptRanges | Fault::TruncatePartOnce(_) => honest(&mut conn, &body, range),
+        Fault::NoRanges => honest(&mut conn, &body, None),
         Fault::Truncate(n) | Fault::TruncateOnce(n) => respond(
             &mut conn,
             "200 OK",
@@ -462,7 +500,7 @@ fn an_interrupted_transfer_resumes_where_it_stopped() {
     let reqs = case.server.requests_for(&format!("/{}", e["PATH"]));
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert!(
-        reqs[1].ends_with("Some(400000)"),
+        reqs[1].ends_with("Some(400000) None"),
         "resumed with a Range request: {reqs:?}"
     );
 }
@@ -712,32 +750,12 @@ fn a_whole_reader_after_ranged_tail_reads_cannot_complete_a_wrong_file() {
     // Portage's order: a metadata scan reads the head and the tail (ranged), then the digest
     // pass reads the file whole. The binhost serves a large package with a wrong middle, slowly.
     support::require_real_parts();
-    let dir = TempDir::new().unwrap();
     let size = 3 << 20;
-    let mut data: Vec<u8> = (0..size as u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let good_sha = support::digest_hex("sha1sum", &data);
-    let good_md5 = support::digest_hex("md5sum", &data);
-    data[1_600_000] ^= 0xff;
-    fs::create_dir_all(dir.path().join("c/big")).unwrap();
-    fs::write(dir.path().join("c/big/big-1-1.gpkg.tar"), &data).unwrap();
-    fs::write(
-        dir.path().join("Packages"),
-        format!(
-            "TIMESTAMP: 1\nVERSION: 0\n\nCPV: c/big-1\nPATH: c/big/big-1-1.gpkg.tar\n\
-             SIZE: {size}\nMTIME: 1\nSHA1: {good_sha}\nMD5: {good_md5}\n\n"
-        ),
-    )
-    .unwrap();
-    let server = Faulty::start(
-        dir.path(),
-        "c/big/big-1-1.gpkg.tar",
-        Fault::Slow(256 * 1024),
-    );
+    let (dir, _) = synthetic_binhost(size, Some(1_600_000));
+    let server = Faulty::start(dir.path(), BIG, Fault::Slow(256 * 1024));
     let cache = TempDir::new().unwrap();
     let mount = Mount::new(&server.url(), cache.path(), &[]).unwrap();
-    let file = mount.path().join("c/big/big-1-1.gpkg.tar");
+    let file = mount.path().join(BIG);
 
     let mut f = fs::File::open(&file).unwrap();
     let mut buf = vec![0u8; 4096];
@@ -757,4 +775,164 @@ fn a_whole_reader_after_ranged_tail_reads_cannot_complete_a_wrong_file() {
         fresh.is_err(),
         "read the wrong file to the end on a fresh handle"
     );
+}
+
+/// The one package of `synthetic_binhost`.
+const BIG: &str = "c/big/big-1-1.gpkg.tar";
+
+/// A binhost holding one package of `size` bytes (not a real gpkg: fetching only cares about
+/// SIZE and digests). With `corrupt_at`, the file on the server has that byte flipped while
+/// the index lists the digests of the right file. Returns the binhost and the right bytes.
+fn synthetic_binhost(size: usize, corrupt_at: Option<usize>) -> (TempDir, Vec<u8>) {
+    let dir = TempDir::new().unwrap();
+    let good: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let (sha1, md5) = (
+        support::digest_hex("sha1sum", &good),
+        support::digest_hex("md5sum", &good),
+    );
+    let mut served = good.clone();
+    if let Some(at) = corrupt_at {
+        served[at] ^= 0xff;
+    }
+    fs::create_dir_all(dir.path().join("c/big")).unwrap();
+    fs::write(dir.path().join(BIG), &served).unwrap();
+    fs::write(
+        dir.path().join("Packages"),
+        format!(
+            "TIMESTAMP: 1\nVERSION: 0\n\nCPV: c/big-1\nPATH: {BIG}\n\
+             SIZE: {size}\nMTIME: 1\nSHA1: {sha1}\nMD5: {md5}\n\n"
+        ),
+    )
+    .unwrap();
+    (dir, good)
+}
+
+/// Mounts a synthetic binhost with one 12 MiB package behind `fault`.
+fn mount_large(fault: Fault, extra: &[&str]) -> (Case, Vec<u8>, TempDir) {
+    support::require_real_parts();
+    let (dir, good) = synthetic_binhost(12 << 20, None);
+    let server = Faulty::start(dir.path(), BIG, fault);
+    let cache = TempDir::with_prefix("binpkgfs-cache.").unwrap();
+    let log = TempDir::with_prefix("binpkgfs-log.").unwrap();
+    let log_file = log.path().join("log");
+    let mut args = vec![
+        "--stall-timeout",
+        "2",
+        "--log-file",
+        log_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mount = Mount::new(&server.url(), cache.path(), &args).unwrap();
+    let case = Case {
+        cache,
+        log,
+        server,
+        mount,
+    };
+    (case, good, dir)
+}
+
+/// The `(from, to)` of every request for `BIG`, `to` inclusive or `None` (to the end).
+fn ranges_asked(server: &Faulty) -> Vec<(u64, Option<u64>)> {
+    let num = |w: &str| {
+        w.strip_prefix("Some(")?
+            .strip_suffix(')')?
+            .parse::<u64>()
+            .ok()
+    };
+    let mut out: Vec<_> = server
+        .requests_for(&format!("/{BIG}"))
+        .iter()
+        .map(|r| {
+            let w: Vec<&str> = r.split(' ').collect();
+            (num(w[2]).unwrap_or(0), num(w[3]))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The bounded ranges of 1 MiB or more: parts of a split transfer (sparse blocks are smaller).
+fn parts_asked(server: &Faulty) -> Vec<(u64, u64)> {
+    ranges_asked(server)
+        .into_iter()
+        .filter_map(|(a, b)| Some((a, b?)))
+        .filter(|(a, b)| b - a >= 1 << 20)
+        .collect()
+}
+
+#[test]
+fn a_large_package_comes_as_parallel_ranges_and_is_checked_as_one_file() {
+    let (case, good, _dir) = mount_large(Fault::Honest, &[]);
+    let got = fs::read(case.mount.path().join(BIG)).unwrap();
+    assert!(got == good, "wrong bytes");
+    // The first reads are ranged (sparse) until the reader holds 1 MiB; the whole transfer
+    // then takes the rest in parts that join up to the end, and nothing as one stream.
+    let parts = parts_asked(&case.server);
+    assert!(parts.len() >= 2, "parallel parts: {parts:?}");
+    for w in parts.windows(2) {
+        assert_eq!(w[0].1 + 1, w[1].0, "parts join: {parts:?}");
+    }
+    assert_eq!(parts.last().unwrap().1, good.len() as u64 - 1);
+    let all = ranges_asked(&case.server);
+    assert!(all.iter().all(|(_, b)| b.is_some()), "{all:?}");
+    let kept = wait_until(Duration::from_secs(5), || {
+        dir_len(&case.cache.path().join("objects")) == 1
+    });
+    assert!(kept, "the checked file is kept");
+
+    // One stream when told so.
+    let (case, good, _dir) = mount_large(Fault::Honest, &["-o", "streams=1"]);
+    assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
+    assert_eq!(parts_asked(&case.server), []);
+    let open_ended = ranges_asked(&case.server)
+        .iter()
+        .filter(|(_, b)| b.is_none())
+        .count();
+    assert_eq!(open_ended, 1, "{:?}", ranges_asked(&case.server));
+}
+
+#[test]
+fn a_wrong_part_fails_the_file_and_nothing_is_kept() {
+    let (case, good, _dir) = mount_large(Fault::CorruptRanges, &[]);
+    let file = case.mount.path().join(BIG);
+    let err = fs::read(&file).expect_err("a file with a wrong part was completed");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(dir_len(&case.cache.path().join("objects")), 0);
+    let gone = wait_until(Duration::from_secs(5), || {
+        dir_len(&case.cache.path().join("partial")) == 0
+    });
+    assert!(gone, "partial left behind");
+    let log = case.log_text();
+    assert!(log.contains("mismatch"), "log says why:\n{log}");
+
+    case.server.set(Fault::Honest);
+    assert!(
+        fs::read(&file).unwrap() == good,
+        "recovers once the server does"
+    );
+}
+
+#[test]
+fn an_interrupted_part_resumes_and_a_server_without_ranges_gets_one_stream() {
+    let (case, good, _dir) = mount_large(Fault::TruncatePartOnce(100_000), &[]);
+    assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
+    let parts = parts_asked(&case.server);
+    let resumed: Vec<_> = parts
+        .iter()
+        .filter(|(a, b)| parts.iter().any(|(pa, pb)| pb == b && *pa + 100_000 == *a))
+        .collect();
+    assert_eq!(
+        resumed.len(),
+        1,
+        "resumed after the bytes it had: {parts:?}"
+    );
+
+    // The sparse read learns there are no ranges (200), then one whole stream.
+    let (case, good, _dir) = mount_large(Fault::NoRanges, &[]);
+    assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
+    let reqs = case.server.requests_for(&format!("/{BIG}"));
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
 }
