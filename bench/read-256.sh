@@ -5,6 +5,11 @@
 # over loopback, from a real nginx. Prints the median of REPS runs and the ratios.
 #
 #   bench/read-256.sh            # SIZE_MIB=256 REPS=3
+#   LIMIT_RATE=20m bench/read-256.sh   # nginx caps each connection at 20 MB/s (limit_rate)
+#
+# The cold read is timed twice: with the default parallel ranged parts, and with
+# `-o streams=1` (one connection per package). With LIMIT_RATE, curl (one connection) is
+# capped and the parts are not: that is the case they are for.
 #
 # Needs root (FUSE), nginx, curl, and a release build (BINPKGFS= to point at another binary).
 # The local copy's page cache is warm for the `cat` baseline, as the cached file's is after the
@@ -48,7 +53,7 @@ daemon off; master_process off; user root; worker_processes 1;
 error_log $work/nginx/error.log; pid $work/nginx/nginx.pid;
 events { worker_connections 64; }
 http {
-  access_log off; sendfile on; tcp_nopush on;
+  access_log off; sendfile on; tcp_nopush on; ${LIMIT_RATE:+limit_rate $LIMIT_RATE;}
   client_body_temp_path $work/nginx; proxy_temp_path $work/nginx;
   fastcgi_temp_path $work/nginx; uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
   server { listen 127.0.0.1:$port; root $work/binhost; }
@@ -61,10 +66,10 @@ url=http://127.0.0.1:$port
 
 secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-mount_it() { "$bin" mount --no-prefetch --cache-dir "$work/cache" "$url" "$work/mnt"; }
+mount_it() { "$bin" mount --no-prefetch --cache-dir "$work/cache" "$@" "$url" "$work/mnt"; }
 umount_it() { umount "$work/mnt"; while pgrep -f "binpkgfs mount.*$work/mnt" >/dev/null; do sleep 0.05; done; }
 
-curl_t=() cold_t=() warm_t=() local_t=()
+curl_t=() cold_t=() one_t=() warm_t=() local_t=()
 cat "$file" >/dev/null
 for r in $(seq "$reps"); do
 	echo "read-256: round $r/$reps" >&2
@@ -73,6 +78,10 @@ for r in $(seq "$reps"); do
 	mount_it
 	cold_t+=("$(secs cat "$work/mnt/$pkg")")
 	umount_it
+	rm -rf "$work/cache"
+	mount_it -o streams=1
+	one_t+=("$(secs cat "$work/mnt/$pkg")")
+	umount_it
 	mount_it # fresh mount: no page cache for the FUSE inode; the cache has the file
 	cat "$work/cache/objects/"* >/dev/null
 	warm_t+=("$(secs cat "$work/mnt/$pkg")")
@@ -80,16 +89,19 @@ for r in $(seq "$reps"); do
 	local_t+=("$(secs cat "$file")")
 done
 
-c=$(median "${curl_t[@]}") k=$(median "${cold_t[@]}") w=$(median "${warm_t[@]}") l=$(median "${local_t[@]}")
+c=$(median "${curl_t[@]}") k=$(median "${cold_t[@]}") o=$(median "${one_t[@]}") w=$(median "${warm_t[@]}") l=$(median "${local_t[@]}")
 mib=$size_mib
-printf '\nbinpkgfs sequential read of a %s MiB package, loopback nginx, median of %s, %s CPUs\n' \
-	"$mib" "$reps" "$(nproc)"
+printf '\nbinpkgfs sequential read of a %s MiB package, loopback nginx%s, median of %s, %s CPUs\n' \
+	"$mib" "${LIMIT_RATE:+ (limit_rate $LIMIT_RATE per connection)}" "$reps" "$(nproc)"
 printf '%-34s %9s %10s   %-28s %9s %10s   %s\n' case s MiB/s baseline s MiB/s ratio
 printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx (target >= 0.9x)\n' \
 	"cold: cat through the mount" "$k" "$(echo "$mib / $k" | bc -l)" \
 	"curl -o /dev/null" "$c" "$(echo "$mib / $c" | bc -l)" "$(echo "$c / $k" | bc -l)"
+printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx\n' \
+	"cold, -o streams=1" "$o" "$(echo "$mib / $o" | bc -l)" \
+	"curl -o /dev/null" "$c" "$(echo "$mib / $c" | bc -l)" "$(echo "$c / $o" | bc -l)"
 printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx (target >= 0.9x)\n' \
 	"warm: cat after remount" "$w" "$(echo "$mib / $w" | bc -l)" \
 	"cat of a local copy" "$l" "$(echo "$mib / $l" | bc -l)" "$(echo "$l / $w" | bc -l)"
-printf 'all runs (s): curl %s | cold %s | warm %s | local %s\n' \
-	"${curl_t[*]}" "${cold_t[*]}" "${warm_t[*]}" "${local_t[*]}"
+printf 'all runs (s): curl %s | cold %s | cold, one stream %s | warm %s | local %s\n' \
+	"${curl_t[*]}" "${cold_t[*]}" "${one_t[*]}" "${warm_t[*]}" "${local_t[*]}"

@@ -271,9 +271,9 @@ pub struct Fetcher {
     offline: Mutex<Option<(Instant, String)>>,
     /// Connections one large whole transfer may use (see `segment`).
     streams: usize,
-    /// The server said it does ranges, then answered one with the whole file: later
-    /// transfers stay one stream (that answer is still used, it is just wasteful).
-    ranges_ignored: AtomicBool,
+    /// The server answered a range request with the whole file or with another range: later
+    /// transfers stay one stream (such answers are still used, just not split).
+    no_split: AtomicBool,
     pub stats: Stats,
 }
 
@@ -293,7 +293,7 @@ impl Fetcher {
             recent: Mutex::default(),
             offline: Mutex::new(None),
             streams: 1,
-            ranges_ignored: AtomicBool::new(false),
+            no_split: AtomicBool::new(false),
             stats: Stats::default(),
         }
     }
@@ -538,7 +538,9 @@ impl Fetcher {
                 .attempt(pkg, &chunks, &mut have, attempt > 0, &mut split)
                 .await
             {
-                Ok(()) | Err(Failure::WriterGone) => break None,
+                Ok(true) | Err(Failure::WriterGone) => break None,
+                // A server that caps its ranges: ask for the rest, no backoff.
+                Ok(false) => {}
                 Err(Failure::Fatal(e)) => break Some(e),
                 Err(Failure::Retry(e)) if attempt >= RETRIES => break Some(e),
                 Err(Failure::Retry(e)) => {
@@ -565,8 +567,9 @@ impl Fetcher {
         }
     }
 
-    /// One request, from byte `have` on; `Ok` when the body ended with the whole file sent
-    /// (or the whole head, once the transfer is split).
+    /// One request, from byte `have` on: `Ok(true)` when the whole file is sent (or the whole
+    /// head, once the transfer is split); `Ok(false)` when the server sent a shorter range
+    /// than asked for, completely: progress, and the caller asks for the rest.
     async fn attempt(
         self: &Arc<Self>,
         pkg: &Package,
@@ -574,14 +577,15 @@ impl Fetcher {
         have: &mut u64,
         retrying: bool,
         split: &mut Split,
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         // The breaker only stops new transfers: one already under way (or resuming) keeps its
         // bytes and its retries, since a binhost restart is exactly when connects fail.
         let fresh = *have == 0 && !retrying;
         if fresh {
             self.check_online().map_err(Failure::Fatal)?;
         }
-        // Split on the first answer: ask for the head only; a 206 says the server does ranges.
+        // Split on the first answer: ask for the head only; a 206 for exactly that range says
+        // the server does ranges, and the parts are started.
         let plan = match split.parts.get() {
             Some(_) => None,
             None => self.plan(pkg, *have),
@@ -599,53 +603,27 @@ impl Fetcher {
             Err(e) => return Err(Failure::from_remote(e)),
         };
         *self.offline.lock().unwrap() = None;
-        let expect = match head_end {
-            Some(end) if body.is_partial() => end - *have,
-            _ => pkg.size - *have,
-        };
-        if let Some(n) = body.announced_len()
-            && n != expect
-        {
-            return Err(Failure::Fatal(if expect == pkg.size - *have {
-                format!(
-                    "server announces {} bytes, index SIZE is {}",
-                    n + *have,
-                    pkg.size
-                )
-            } else {
-                format!("server announces {n} bytes for a range of {expect}")
-            }));
-        }
+        let served_end = self.check_answer(pkg, &body, *have)?;
         let limit = match (head_end, plan) {
-            (Some(end), Some((_, segs))) if body.is_partial() => {
+            (Some(end), Some((_, segs))) if body.range_end() == Some(end) => {
                 self.start_parts(pkg, segs, split);
                 end
             }
             (Some(end), None) => end,
-            // The server sent the whole file: one stream, no parts.
-            _ => pkg.size,
+            (Some(_), Some(_)) => {
+                if body.is_partial() {
+                    self.stop_splitting(pkg, "answered a range request with another range");
+                }
+                // One stream: a whole-file answer, or a range that ends elsewhere (the rest
+                // comes by resuming).
+                pkg.size
+            }
+            (None, _) => pkg.size,
         };
-        while *have < limit {
+        while *have < limit.min(served_end) {
             match body.chunk().await {
                 Ok(Some(mut chunk)) => {
-                    let len = chunk.len() as u64;
-                    if *have + len > limit {
-                        if limit == pkg.size {
-                            return Err(Failure::Fatal(format!(
-                                "server sent more than SIZE ({} bytes)",
-                                pkg.size
-                            )));
-                        }
-                        if body.is_partial() {
-                            return Err(Failure::Fatal(format!(
-                                "server sent more than the range {}-{} asked for",
-                                *have,
-                                limit - 1
-                            )));
-                        }
-                        // The rest of this answer belongs to the parts: stop here.
-                        chunk.truncate((limit - *have) as usize);
-                    }
+                    clip(&mut chunk, *have, limit, served_end, pkg.size)?;
                     let len = chunk.len() as u64;
                     self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
                     if chunks.send(chunk).await.is_err() {
@@ -662,17 +640,66 @@ impl Fetcher {
                 Err(e) => return Err(Failure::Retry(chain(&e))),
             }
         }
-        Ok(())
+        if served_end <= limit {
+            expect_end(&mut body, served_end, pkg.size).await?;
+        }
+        Ok(*have == limit)
+    }
+
+    /// Checks an answer's stated lengths against the index before any byte is kept, and
+    /// returns where its body will end (exclusive). Bytes a whole-file answer to a resumed
+    /// request skips still crossed the network: they are counted.
+    fn check_answer(
+        &self,
+        pkg: &Package,
+        body: &crate::remote::Body,
+        start: u64,
+    ) -> Result<u64, Failure> {
+        if let Some(total) = body.total_len()
+            && total != pkg.size
+        {
+            return Err(Failure::Fatal(format!(
+                "server says the file has {total} bytes, index SIZE is {}",
+                pkg.size
+            )));
+        }
+        let served_end = body.range_end().unwrap_or(pkg.size);
+        if let Some(n) = body.announced_len()
+            && n != served_end.saturating_sub(start)
+        {
+            return Err(Failure::Fatal(if body.is_partial() {
+                format!(
+                    "server announces {n} bytes for the range {start}-{}",
+                    served_end - 1
+                )
+            } else {
+                format!(
+                    "server announces {} bytes, index SIZE is {}",
+                    n + start,
+                    pkg.size
+                )
+            }));
+        }
+        if !body.is_partial() {
+            self.stats.bytes_fetched.fetch_add(start, Ordering::Relaxed);
+        }
+        Ok(served_end)
     }
 
     /// How this transfer would be split from byte `have` on, if it is worth several streams
-    /// and the server has not shown it cannot do ranges. Only a 206 answer to the head's
-    /// bounded request turns the plan into parts.
+    /// and the server has not shown it does ranges oddly.
     fn plan(&self, pkg: &Package, have: u64) -> Option<(u64, Segments)> {
-        if self.streams < 2 || self.ranges_ignored.load(Ordering::Relaxed) {
+        if self.streams < 2 || self.no_split.load(Ordering::Relaxed) {
             return None;
         }
         Segments::plan(have, pkg.size, self.streams)
+    }
+
+    /// The server does ranges in a way splitting cannot use: later transfers stay one stream.
+    fn stop_splitting(&self, pkg: &Package, why: &str) {
+        if !self.no_split.swap(true, Ordering::Relaxed) {
+            warn!(path = %pkg.path, "the binhost {why}; large packages will be fetched as one stream");
+        }
     }
 
     /// Starts a fetcher for each part after the head.
@@ -691,7 +718,8 @@ impl Fetcher {
     }
 
     /// Fetches part `i` of a split transfer into `file`, resuming after transient failures
-    /// like the head does; reports progress or failure to the writer through `segs`.
+    /// like the head does; reports progress or failure to the writer through `segs`. Disk
+    /// writes run on a blocking thread of their own, as the head's do.
     async fn fetch_part(
         self: Arc<Self>,
         pkg: Package,
@@ -701,11 +729,25 @@ impl Fetcher {
     ) {
         let mut guard = PartGuard::new(&segs, i);
         let (from, to) = segs.spans()[i];
+        let (chunks, mut rx) = mpsc::channel::<Bytes>(16);
+        let writer = {
+            let (segs, store) = (segs.clone(), self.store.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut written = 0u64;
+                while let Some(chunk) = rx.blocking_recv() {
+                    write_making_room(&file, &chunk, from + written, &store)?;
+                    written += chunk.len() as u64;
+                    segs.advance(i, written);
+                }
+                Ok::<(), String>(())
+            })
+        };
         let mut got = 0u64;
         let mut attempt = 0;
         let outcome = loop {
-            match self.part_attempt(&pkg, &file, &segs, i, &mut got).await {
-                Ok(()) => break Ok(()),
+            match self.part_attempt(&pkg, (from, to), &chunks, &mut got).await {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
                 Err(Failure::Retry(e)) if attempt < RETRIES => {
                     attempt += 1;
                     debug!(path = %pkg.path, from, to, got, "part interrupted ({e}); retry {attempt}/{RETRIES}");
@@ -715,63 +757,50 @@ impl Fetcher {
                 Err(Failure::WriterGone) => break Err("writer stopped".into()),
             }
         };
-        if let Err(reason) = outcome {
+        drop(chunks);
+        // The writer's own error (a full disk) says more than the network side's "stopped".
+        let written = match writer.await {
+            Ok(r) => r,
+            Err(e) => Err(format!("part writer failed: {e}")),
+        };
+        if let Err(reason) = written.and(outcome) {
             segs.fail(i, format!("bytes {from}-{}: {reason}", to - 1));
         }
         guard.reported();
     }
 
-    /// One request for the rest of part `i`; `Ok` once the part is on disk.
+    /// One request for the rest of a part: `Ok(true)` once all of it went to the part's
+    /// writer, `Ok(false)` after a shorter range than asked for (see `attempt`).
     async fn part_attempt(
         &self,
         pkg: &Package,
-        file: &File,
-        segs: &Segments,
-        i: usize,
+        (from, to): (u64, u64),
+        chunks: &mpsc::Sender<Bytes>,
         got: &mut u64,
-    ) -> Result<(), Failure> {
-        let (from, to) = segs.spans()[i];
+    ) -> Result<bool, Failure> {
         let start = from + *got;
         let mut body = self
             .remote
             .open(&pkg.path, start, Some(to))
             .await
             .map_err(Failure::from_remote)?;
-        if !body.is_partial() && !self.ranges_ignored.swap(true, Ordering::Relaxed) {
-            warn!(path = %pkg.path, "the binhost answered a range request with the whole file; large packages will be fetched as one stream");
+        let served_end = self.check_answer(pkg, &body, start)?;
+        if !body.is_partial() {
+            // Used (the body skips to the part), but it costs the bytes before it.
+            self.stop_splitting(pkg, "answered a range request with the whole file");
+        } else if served_end != to {
+            self.stop_splitting(pkg, "answered a range request with another range");
         }
-        let expect = if body.is_partial() {
-            to - start
-        } else {
-            pkg.size - start
-        };
-        if let Some(n) = body.announced_len()
-            && n != expect
-        {
-            return Err(Failure::Fatal(format!(
-                "server announces {n} bytes for a range of {expect}"
-            )));
-        }
-        while from + *got < to {
+        while from + *got < to.min(served_end) {
             match body.chunk().await {
                 Ok(Some(mut chunk)) => {
+                    clip(&mut chunk, from + *got, to, served_end, pkg.size)?;
                     let len = chunk.len() as u64;
-                    if from + *got + len > to {
-                        if body.is_partial() {
-                            return Err(Failure::Fatal(format!(
-                                "server sent more than the range {from}-{} asked for",
-                                to - 1
-                            )));
-                        }
-                        // The whole file came: the rest is another part's.
-                        chunk.truncate((to - from - *got) as usize);
-                    }
-                    let len = chunk.len() as u64;
-                    write_making_room(file, &chunk, from + *got, &self.store)
-                        .map_err(Failure::Fatal)?;
                     self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    if chunks.send(chunk).await.is_err() {
+                        return Err(Failure::WriterGone);
+                    }
                     *got += len;
-                    segs.advance(i, *got);
                 }
                 Ok(None) => {
                     return Err(Failure::Retry(format!(
@@ -782,8 +811,50 @@ impl Fetcher {
                 Err(e) => return Err(Failure::Retry(chain(&e))),
             }
         }
-        Ok(())
+        if served_end <= to {
+            expect_end(&mut body, served_end, pkg.size).await?;
+        }
+        Ok(from + *got == to)
     }
+}
+
+/// A chunk at `at` that would take a body past `limit`, where we stop reading: cut it there
+/// if the server said it would send more (a whole file, or a wider range). A chunk past where
+/// the server said it would stop (`served_end`) is the server sending more than it said.
+fn clip(chunk: &mut Bytes, at: u64, limit: u64, served_end: u64, size: u64) -> Result<(), Failure> {
+    if at + chunk.len() as u64 <= limit.min(served_end) {
+        return Ok(());
+    }
+    if served_end > limit {
+        chunk.truncate((limit - at) as usize);
+        return Ok(());
+    }
+    Err(overshoot(served_end, size))
+}
+
+/// After the last byte of a body that should end at `served_end`: anything more is the server
+/// sending more than it said (caught even without a Content-Length). An error at this point
+/// is not: every byte wanted is in, and the digests decide.
+async fn expect_end(
+    body: &mut crate::remote::Body,
+    served_end: u64,
+    size: u64,
+) -> Result<(), Failure> {
+    match body.chunk().await {
+        Ok(Some(extra)) if !extra.is_empty() => Err(overshoot(served_end, size)),
+        _ => Ok(()),
+    }
+}
+
+fn overshoot(served_end: u64, size: u64) -> Failure {
+    Failure::Fatal(if served_end == size {
+        format!("server sent more than SIZE ({size} bytes)")
+    } else {
+        format!(
+            "server sent more than the range ending at {}",
+            served_end - 1
+        )
+    })
 }
 
 /// The parts of a transfer, if it was split, and their fetchers: dropping it (the transfer is

@@ -228,25 +228,25 @@ impl Remote {
                     url: url.to_string(),
                     source,
                 })?;
-                let (skip, partial) = match resp.status() {
-                    StatusCode::OK => (from, false),
+                let (skip, range) = match resp.status() {
+                    StatusCode::OK => (from, None),
                     StatusCode::PARTIAL_CONTENT if from > 0 || to.is_some() => {
-                        let range = resp
+                        let header = resp
                             .headers()
                             .get(header::CONTENT_RANGE)
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("");
-                        let want = match &last {
-                            Some(last) => format!("bytes {from}-{last}/"),
-                            None => format!("bytes {from}-"),
-                        };
-                        if !range.starts_with(&want) {
-                            return Err(RemoteError::BadRange {
-                                url: url.to_string(),
-                                range: range.to_string(),
-                            });
+                        // It must start where we asked; it may end elsewhere (a server that
+                        // caps ranges): the caller decides what to do with that.
+                        match parse_content_range(header) {
+                            Some((start, end, total)) if start == from => (0, Some((end, total))),
+                            _ => {
+                                return Err(RemoteError::BadRange {
+                                    url: url.to_string(),
+                                    range: header.to_string(),
+                                });
+                            }
                         }
-                        (0, true)
                     }
                     status => {
                         return Err(RemoteError::Status {
@@ -258,7 +258,7 @@ impl Remote {
                 Ok(Body {
                     name: url.to_string(),
                     skip,
-                    partial,
+                    range,
                     inner: BodyInner::Http(resp),
                 })
             }
@@ -280,7 +280,7 @@ impl Remote {
                     name,
                     skip: 0,
                     // Local storage gains nothing from parallel streams: never split.
-                    partial: false,
+                    range: None,
                     inner: BodyInner::File(file, *stall),
                 })
             }
@@ -377,8 +377,9 @@ pub struct Body {
     name: String,
     /// Bytes still to drop from the front (a 200 answer to a Range request).
     skip: u64,
-    /// The server honoured the Range request (206): the body is the range asked for.
-    partial: bool,
+    /// For a 206 answer: where the range ends (exclusive) and the file's total length, if
+    /// the server said.
+    range: Option<(u64, Option<u64>)>,
     inner: BodyInner,
 }
 
@@ -400,9 +401,19 @@ impl Body {
         }
     }
 
-    /// The server sent the range asked for (206), not the whole file.
+    /// The server answered with a range (206), not the whole file.
     pub fn is_partial(&self) -> bool {
-        self.partial
+        self.range.is_some()
+    }
+
+    /// Where the body ends (exclusive) if the server sent a range.
+    pub fn range_end(&self) -> Option<u64> {
+        self.range.map(|(end, _)| end)
+    }
+
+    /// The whole file's length as a 206 answer states it (`bytes a-b/TOTAL`).
+    pub fn total_len(&self) -> Option<u64> {
+        self.range.and_then(|(_, total)| total)
     }
 
     /// The next chunk, or `None` at the end of the body.
@@ -443,6 +454,18 @@ impl Body {
     }
 }
 
+/// `bytes A-B/T` as `(A, B + 1, T)`; T is `None` for `*`.
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (span, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b) = (a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?);
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    (a <= b && total.is_none_or(|t| b < t)).then_some((a, b + 1, total))
+}
+
 /// Formats an error with its whole `source()` chain on one line, for warnings.
 pub fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
@@ -466,6 +489,26 @@ mod tests {
         RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn content_ranges_are_parsed_strictly() {
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some((0, 100, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 6, None)));
+        for bad in [
+            "",
+            "bytes 10-5/100",
+            "bytes 0-100/100",
+            "bytes -5/100",
+            "items 0-1/2",
+            "bytes 0-1",
+            "bytes a-b/c",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
         }
     }
 

@@ -110,8 +110,9 @@ impl Segments {
     }
 
     /// Blocks until part `i` holds more than `done` bytes, and says how many it holds. Never
-    /// waits forever: every part fetcher ends (stall timeout, bounded retries) and reports, and
-    /// one that is dropped unfinished reports failure (see `PartGuard`).
+    /// waits forever: every part fetcher ends (stall timeout, bounded retries) and reports; one
+    /// dropped unfinished reports failure (see `PartGuard`); and when the transfer ends for
+    /// any reason, dropping its parts cancels them (even ones never started).
     pub fn wait_beyond(&self, i: usize, done: u64) -> Result<u64, String> {
         let mut inner = self.inner.lock().unwrap();
         loop {

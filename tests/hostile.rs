@@ -46,11 +46,18 @@ enum Fault {
     Slow(usize),
     /// Like `Slow`, with bytes 4096..4104 wrong.
     SlowCorrupt(usize),
-    /// Honest, except that ranges starting past byte 0 have their middle byte flipped.
-    CorruptRanges,
-    /// Honest, except that the first range of 1 MiB or more starting past byte 0 (a part of a
-    /// split transfer, not a sparse block) stops after this many bytes.
-    TruncatePartOnce(usize),
+    /// No Content-Length; the file plus this many extra bytes, then close.
+    ExtraNoLength(usize),
+    /// Honest, except that the last part of a split transfer (a range of 1 MiB or more that
+    /// ends at the end of the file) has its middle byte flipped.
+    CorruptLastPart,
+    /// Honest, except that the last part's first request stops after this many bytes.
+    TruncateLastPartOnce(usize),
+    /// Honours the first range of 1 MiB or more (a split transfer's head), answers later
+    /// ones (its parts) with the whole file.
+    HeadRangeOnly,
+    /// Answers every range with at most this many bytes (and says so in Content-Range).
+    CappedRanges(usize),
     /// Ignores Range headers: always the whole file with 200.
     NoRanges,
 }
@@ -199,10 +206,15 @@ fn serve(
     let is_first = uri == target
         && matches!(fault, Fault::TruncateOnce(_))
         && first.swap(false, Ordering::Relaxed);
-    let mid_range = matches!(range, Some((from, _)) if from > 0);
-    let first_part = uri == target
-        && matches!(range, Some((from, Some(to))) if from > 0 && to - from >= 1 << 20)
-        && matches!(fault, Fault::TruncatePartOnce(_))
+    let big_range = matches!(range, Some((from, Some(to))) if from > 0 && to - from >= 1 << 20);
+    let last_part = big_range && matches!(range, Some((_, Some(to))) if to + 1 == body.len());
+    let first_last_part = uri == target
+        && last_part
+        && matches!(fault, Fault::TruncateLastPartOnce(_))
+        && first.swap(false, Ordering::Relaxed);
+    let first_big_range = uri == target
+        && big_range
+        && matches!(fault, Fault::HeadRangeOnly)
         && first.swap(false, Ordering::Relaxed);
     let len = body.len();
     match fault {
@@ -231,14 +243,14 @@ fn serve(
             Ok(())
         }
         Fault::TruncateOnce(_) if !is_first => honest(&mut conn, &body, range),
-        Fault::CorruptRanges if mid_range => {
+        Fault::CorruptLastPart if last_part => {
             let (from, to) = range.unwrap();
             let to = to.map_or(len, |t| t + 1);
             let mut body = body.clone();
             body[(from + to) / 2] ^= 0x01;
             honest(&mut conn, &body, range)
         }
-        Fault::TruncatePartOnce(n) if first_part => {
+        Fault::TruncateLastPartOnce(n) if first_last_part => {
             let (from, to) = range.unwrap();
             let to = to.map_or(len, |t| t + 1);
             respond(
@@ -251,8 +263,23 @@ fn serve(
                 &body[from..from + n],
             )
         }
-        Fault::CorruptRanges | Fault::TruncatePartOnce(_) => honest(&mut conn, &body, range),
+        Fault::CorruptLastPart | Fault::TruncateLastPartOnce(_) => honest(&mut conn, &body, range),
+        Fault::HeadRangeOnly if big_range && !first_big_range => honest(&mut conn, &body, None),
+        Fault::HeadRangeOnly => honest(&mut conn, &body, range),
+        Fault::CappedRanges(cap) => {
+            let range = range.map(|(from, to)| {
+                let to = to.map_or(len - 1, |t| t.min(len - 1));
+                (from, Some(to.min(from + cap - 1)))
+            });
+            honest(&mut conn, &body, range)
+        }
         Fault::NoRanges => honest(&mut conn, &body, None),
+        Fault::ExtraNoLength(n) => {
+            write_head(&mut conn, "200 OK", &[])?;
+            conn.write_all(&body)?;
+            conn.write_all(&vec![0x55; n])?;
+            conn.shutdown(Shutdown::Write)
+        }
         Fault::Truncate(n) | Fault::TruncateOnce(n) => respond(
             &mut conn,
             "200 OK",
@@ -444,6 +471,7 @@ fn every_lying_or_broken_server_gets_eio_and_nothing_is_cached() {
         ),
         (Fault::Reset(300_000), "transfer interrupted"),
         (Fault::Extra(10), "server announces"),
+        (Fault::ExtraNoLength(10), "more than SIZE"),
         (Fault::WrongBytes, "SHA1 mismatch"),
         (Fault::LyingLength, "server announces"),
         (Fault::NotFound, "404"),
@@ -809,10 +837,11 @@ fn synthetic_binhost(size: usize, corrupt_at: Option<usize>) -> (TempDir, Vec<u8
     (dir, good)
 }
 
-/// Mounts a synthetic binhost with one 12 MiB package behind `fault`.
+/// Mounts a synthetic binhost with one 20 MiB package behind `fault`: read from the start, it
+/// is promoted after 1 MiB and the rest comes as a head and three parts.
 fn mount_large(fault: Fault, extra: &[&str]) -> (Case, Vec<u8>, TempDir) {
     support::require_real_parts();
-    let (dir, good) = synthetic_binhost(12 << 20, None);
+    let (dir, good) = synthetic_binhost(20 << 20, None);
     let server = Faulty::start(dir.path(), BIG, fault);
     let cache = TempDir::with_prefix("binpkgfs-cache.").unwrap();
     let log = TempDir::with_prefix("binpkgfs-log.").unwrap();
@@ -863,24 +892,27 @@ fn parts_asked(server: &Faulty) -> Vec<(u64, u64)> {
         .collect()
 }
 
+fn objects_kept(case: &Case) -> usize {
+    dir_len(&case.cache.path().join("objects"))
+}
+
 #[test]
 fn a_large_package_comes_as_parallel_ranges_and_is_checked_as_one_file() {
     let (case, good, _dir) = mount_large(Fault::Honest, &[]);
     let got = fs::read(case.mount.path().join(BIG)).unwrap();
     assert!(got == good, "wrong bytes");
     // The first reads are ranged (sparse) until the reader holds 1 MiB; the whole transfer
-    // then takes the rest in parts that join up to the end, and nothing as one stream.
+    // then takes the rest as a head and three parts that join up to the end, each asked for
+    // once, and nothing as one open-ended stream.
     let parts = parts_asked(&case.server);
-    assert!(parts.len() >= 2, "parallel parts: {parts:?}");
+    assert_eq!(parts.len(), 4, "head and three parts: {parts:?}");
     for w in parts.windows(2) {
         assert_eq!(w[0].1 + 1, w[1].0, "parts join: {parts:?}");
     }
     assert_eq!(parts.last().unwrap().1, good.len() as u64 - 1);
     let all = ranges_asked(&case.server);
     assert!(all.iter().all(|(_, b)| b.is_some()), "{all:?}");
-    let kept = wait_until(Duration::from_secs(5), || {
-        dir_len(&case.cache.path().join("objects")) == 1
-    });
+    let kept = wait_until(Duration::from_secs(5), || objects_kept(&case) == 1);
     assert!(kept, "the checked file is kept");
 
     // One stream when told so.
@@ -895,40 +927,61 @@ fn a_large_package_comes_as_parallel_ranges_and_is_checked_as_one_file() {
 }
 
 #[test]
-fn a_wrong_part_fails_the_file_and_nothing_is_kept() {
-    let (case, good, _dir) = mount_large(Fault::CorruptRanges, &[]);
+fn a_wrong_last_part_or_a_wrong_size_fails_the_file_and_nothing_is_kept() {
+    let (case, good, _dir) = mount_large(Fault::CorruptLastPart, &[]);
     let file = case.mount.path().join(BIG);
     let err = fs::read(&file).expect_err("a file with a wrong part was completed");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert_eq!(dir_len(&case.cache.path().join("objects")), 0);
+    assert_eq!(objects_kept(&case), 0);
     let gone = wait_until(Duration::from_secs(5), || {
         dir_len(&case.cache.path().join("partial")) == 0
     });
     assert!(gone, "partial left behind");
     let log = case.log_text();
     assert!(log.contains("mismatch"), "log says why:\n{log}");
-
     case.server.set(Fault::Honest);
     assert!(
         fs::read(&file).unwrap() == good,
         "recovers once the server does"
     );
+
+    // The server's file is longer than the index says: the first ranged answer of the whole
+    // transfer says so (`bytes a-b/TOTAL`), before the parts are fetched.
+    let (case, _, dir) = mount_large(Fault::Honest, &[]);
+    let mut longer = fs::read(dir.path().join(BIG)).unwrap();
+    longer.extend_from_slice(&[0; 4096]);
+    fs::write(dir.path().join(BIG), &longer).unwrap();
+    let err = fs::read(case.mount.path().join(BIG)).expect_err("read a file of the wrong size");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = case.log_text();
+    assert!(
+        log.contains("server says the file has 20975616 bytes, index SIZE is 20971520"),
+        "{log}"
+    );
+    assert!(parts_asked(&case.server).len() <= 1, "no parts fetched");
+    assert_eq!(objects_kept(&case), 0);
 }
 
 #[test]
-fn an_interrupted_part_resumes_and_a_server_without_ranges_gets_one_stream() {
-    let (case, good, _dir) = mount_large(Fault::TruncatePartOnce(100_000), &[]);
+fn interrupted_parts_resume_and_odd_range_servers_still_work() {
+    let (case, good, _dir) = mount_large(Fault::TruncateLastPartOnce(100_000), &[]);
     assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
     let parts = parts_asked(&case.server);
-    let resumed: Vec<_> = parts
-        .iter()
-        .filter(|(a, b)| parts.iter().any(|(pa, pb)| pb == b && *pa + 100_000 == *a))
-        .collect();
-    assert_eq!(
-        resumed.len(),
-        1,
-        "resumed after the bytes it had: {parts:?}"
+    let last = *parts.last().unwrap();
+    assert!(
+        parts.contains(&(last.0 - 100_000, last.1)),
+        "the last part was asked for, then resumed after the bytes it had: {parts:?}"
     );
+
+    // Honours the head's range, then answers the parts with the whole file: still right.
+    let (case, good, _dir) = mount_large(Fault::HeadRangeOnly, &[]);
+    assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
+    assert!(case.log_text().contains("fetched as one stream"));
+
+    // Caps every range at 2 MiB: the shorter answers are progress, not failures.
+    let (case, good, _dir) = mount_large(Fault::CappedRanges(2 << 20), &[]);
+    assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
+    assert!(!case.log_text().contains("download failed"));
 
     // The sparse read learns there are no ranges (200), then one whole stream.
     let (case, good, _dir) = mount_large(Fault::NoRanges, &[]);
