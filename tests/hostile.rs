@@ -883,13 +883,12 @@ fn ranges_asked(server: &Faulty) -> Vec<(u64, Option<u64>)> {
     out
 }
 
-/// The bounded ranges of 1 MiB or more: parts of a split transfer (sparse blocks are smaller).
+/// The bounded ranges of 1 MiB or more asked for `BIG`: parts of a split transfer (sparse
+/// blocks are smaller).
 fn parts_asked(server: &Faulty) -> Vec<(u64, u64)> {
-    ranges_asked(server)
-        .into_iter()
-        .filter_map(|(a, b)| Some((a, b?)))
-        .filter(|(a, b)| b - a >= 1 << 20)
-        .collect()
+    let mut out = ranges_of(&server.requests_for(&format!("/{BIG}")));
+    out.sort();
+    out
 }
 
 fn objects_kept(case: &Case) -> usize {
@@ -988,4 +987,54 @@ fn interrupted_parts_resume_and_odd_range_servers_still_work() {
     assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
     let reqs = case.server.requests_for(&format!("/{BIG}"));
     assert_eq!(reqs.len(), 2, "{reqs:?}");
+}
+
+#[test]
+fn a_package_fetched_while_another_transfer_runs_is_not_split() {
+    // Two large packages: the first comes slowly (its transfer stays in flight), the second is
+    // read whole meanwhile. The link already carries a stream: the second is not split.
+    support::require_real_parts();
+    let (dir, good) = synthetic_binhost(20 << 20, None);
+    let other = "c/big/big-2-1.gpkg.tar";
+    fs::copy(dir.path().join(BIG), dir.path().join(other)).unwrap();
+    let index = fs::read_to_string(dir.path().join("Packages")).unwrap();
+    let second = index
+        .split("\n\n")
+        .nth(1)
+        .unwrap()
+        .replace("c/big-1", "c/big-2")
+        .replace(BIG, other);
+    fs::write(dir.path().join("Packages"), format!("{index}{second}\n\n")).unwrap();
+    let server = Faulty::start(dir.path(), BIG, Fault::Slow(2 << 20));
+    let cache = TempDir::new().unwrap();
+    let mount = Mount::new(&server.url(), cache.path(), &[]).unwrap();
+
+    let mut slow = fs::File::open(mount.path().join(BIG)).unwrap();
+    let mut head = vec![0u8; 2 << 20];
+    slow.read_exact(&mut head).unwrap();
+    assert!(head == good[..2 << 20]);
+    assert!(fs::read(mount.path().join(other)).unwrap() == good);
+    let reqs = server.requests_for(&format!("/{other}"));
+    assert_eq!(
+        ranges_of(&reqs),
+        [],
+        "the second package was split: {reqs:?}"
+    );
+}
+
+/// The bounded ranges of 1 MiB or more among logged requests (`to` inclusive).
+fn ranges_of(reqs: &[String]) -> Vec<(u64, u64)> {
+    let num = |w: &str| {
+        w.strip_prefix("Some(")?
+            .strip_suffix(')')?
+            .parse::<u64>()
+            .ok()
+    };
+    reqs.iter()
+        .filter_map(|r| {
+            let w: Vec<&str> = r.split(' ').collect();
+            Some((num(w[2])?, num(w[3])?))
+        })
+        .filter(|(a, b)| b - a >= 1 << 20)
+        .collect()
 }
