@@ -5,7 +5,7 @@
 # over loopback, from a real nginx. Prints the median of REPS runs and the ratios.
 #
 #   bench/read-256.sh            # SIZE_MIB=256 REPS=3
-#   LIMIT_RATE=20m bench/read-256.sh   # nginx caps each connection at 20 MB/s (limit_rate)
+#   LIMIT_RATE=25m SIZE_MIB=64 bench/read-256.sh   # nginx caps each connection at 25 MB/s
 #
 # The cold read is timed twice: with the default parallel ranged parts, and with
 # `-o streams=1` (one connection per package). With LIMIT_RATE, curl (one connection) is

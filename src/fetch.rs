@@ -271,8 +271,9 @@ pub struct Fetcher {
     offline: Mutex<Option<(Instant, String)>>,
     /// Connections one large whole transfer may use (see `segment`).
     streams: usize,
-    /// The server answered a range request with the whole file or with another range: later
-    /// transfers stay one stream (such answers are still used, just not split).
+    /// The server answered a part's range request with the whole file, or a range request
+    /// with another range: later transfers stay one stream (such answers are still used).
+    /// (A whole-file answer to a head's request just makes that transfer one stream.)
     no_split: AtomicBool,
     pub stats: Stats,
 }
@@ -440,7 +441,7 @@ impl Fetcher {
         file: Arc<File>,
         tx: watch::Sender<State>,
     ) {
-        let _in_flight = InFlight::new(&self.stats.in_flight);
+        let in_flight = InFlight::new(&self.stats.in_flight);
         let started = Instant::now();
         let pkg = &blob.pkg;
         let adopted = blob.adopted.load(Ordering::Acquire);
@@ -450,6 +451,8 @@ impl Fetcher {
             .map(|s| (s.file(), adopted))
             .filter(|(_, n)| *n > 0);
         let outcome = self.receive(pkg, file.clone(), &tx, prefix).await;
+        // The network part is over: a transfer starting now runs alone (see `plan`).
+        drop(in_flight);
         let secs = started.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => {
@@ -600,7 +603,7 @@ impl Fetcher {
             Err(e) if e.is_connect() && fresh => {
                 return Err(Failure::Fatal(self.went_offline(&e)));
             }
-            Err(e) => return Err(Failure::from_remote(e)),
+            Err(e) => return Err(Failure::from_open(e, pkg)),
         };
         *self.offline.lock().unwrap() = None;
         let served_end = self.check_answer(pkg, &body, *have)?;
@@ -620,7 +623,13 @@ impl Fetcher {
             }
             (None, _) => pkg.size,
         };
+        let start = *have;
         while *have < limit.min(served_end) {
+            if let Some(reason) = split.parts.get().and_then(|p| p.failure()) {
+                // A part gave up: the file cannot be completed, so say so now, not after
+                // the head is in.
+                return Err(Failure::Fatal(reason));
+            }
             match body.chunk().await {
                 Ok(Some(mut chunk)) => {
                     clip(&mut chunk, *have, limit, served_end, pkg.size)?;
@@ -643,7 +652,7 @@ impl Fetcher {
         if served_end <= limit {
             expect_end(&mut body, served_end, pkg.size).await?;
         }
-        Ok(*have == limit)
+        short_answer(start, *have, limit)
     }
 
     /// Checks an answer's stated lengths against the index before any byte is kept, and
@@ -664,6 +673,13 @@ impl Fetcher {
             )));
         }
         let served_end = body.range_end().unwrap_or(pkg.size);
+        if served_end > pkg.size {
+            return Err(Failure::Fatal(format!(
+                "server sends bytes up to {} of a file whose index SIZE is {}",
+                served_end - 1,
+                pkg.size
+            )));
+        }
         if let Some(n) = body.announced_len()
             && n != served_end.saturating_sub(start)
         {
@@ -793,7 +809,7 @@ impl Fetcher {
             .remote
             .open(&pkg.path, start, Some(to))
             .await
-            .map_err(Failure::from_remote)?;
+            .map_err(|e| Failure::from_open(e, pkg))?;
         let served_end = self.check_answer(pkg, &body, start)?;
         if !body.is_partial() {
             // Used (the body skips to the part), but it costs the bytes before it.
@@ -824,7 +840,27 @@ impl Fetcher {
         if served_end <= to {
             expect_end(&mut body, served_end, pkg.size).await?;
         }
-        Ok(from + *got == to)
+        short_answer(start, from + *got, to)
+    }
+}
+
+/// After an answer that ended where the server said it would: done if it reached `limit`;
+/// else progress (a server that caps its ranges), and the caller asks for the rest at once.
+/// An answer of less than 64 KiB that stops short is counted as a failed attempt instead, so a
+/// server that answers with tiny ranges fails after the usual retries rather than being
+/// asked size/cap times in a row.
+fn short_answer(start: u64, at: u64, limit: u64) -> Result<bool, Failure> {
+    const MIN_ANSWER: u64 = 64 * 1024;
+    if at == limit {
+        Ok(true)
+    } else if at - start < MIN_ANSWER {
+        Err(Failure::Retry(format!(
+            "server answered with only {} bytes of the range {start}-{}",
+            at - start,
+            limit - 1
+        )))
+    } else {
+        Ok(false)
     }
 }
 
@@ -923,6 +959,21 @@ enum Failure {
 }
 
 impl Failure {
+    /// Like `from_remote`, for a package request: a 416 means the server's file is shorter
+    /// than the index says.
+    fn from_open(e: RemoteError, pkg: &Package) -> Failure {
+        match &e {
+            RemoteError::Status { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE => {
+                Failure::Fatal(format!(
+                    "{}: the server's file is shorter than the index SIZE ({} bytes)",
+                    chain(&e),
+                    pkg.size
+                ))
+            }
+            _ => Failure::from_remote(e),
+        }
+    }
+
     fn from_remote(e: RemoteError) -> Failure {
         let retry = match &e {
             RemoteError::Status { status, .. } => {

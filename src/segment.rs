@@ -109,22 +109,37 @@ impl Segments {
         self.cond.notify_all();
     }
 
-    /// Blocks until part `i` holds more than `done` bytes, and says how many it holds. Never
+    /// The reason of the first part that gave up, if one did: the transfer cannot complete.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.lock().unwrap().failure().cloned()
+    }
+
+    /// Blocks until part `i` holds more than `done` bytes, and says how many it holds; fails
+    /// as soon as any part has failed (the file cannot be completed anyway). Never
     /// waits forever: every part fetcher ends (stall timeout, bounded retries) and reports; one
     /// dropped unfinished reports failure (see `PartGuard`); and when the transfer ends for
     /// any reason, dropping its parts cancels them (even ones never started).
     pub fn wait_beyond(&self, i: usize, done: u64) -> Result<u64, String> {
         let mut inner = self.inner.lock().unwrap();
         loop {
-            match &inner.parts[i] {
-                Progress::Failed(reason) => return Err(reason.clone()),
-                Progress::Filled(n) if *n > done => return Ok(*n),
-                Progress::Filled(_) if inner.cancelled => {
-                    return Err("transfer cancelled".into());
-                }
-                Progress::Filled(_) => inner = self.cond.wait(inner).unwrap(),
+            if let Some(reason) = inner.failure() {
+                return Err(reason.clone());
+            }
+            match inner.parts[i] {
+                Progress::Filled(n) if n > done => return Ok(n),
+                _ if inner.cancelled => return Err("transfer cancelled".into()),
+                _ => inner = self.cond.wait(inner).unwrap(),
             }
         }
+    }
+}
+
+impl Inner {
+    fn failure(&self) -> Option<&String> {
+        self.parts.iter().find_map(|p| match p {
+            Progress::Failed(reason) => Some(reason),
+            Progress::Filled(_) => None,
+        })
     }
 }
 
@@ -208,9 +223,11 @@ mod tests {
             "a failed part stays failed"
         );
 
+        let (_, segs) = Segments::plan(0, 16 << 20, 4).unwrap();
+        let segs = Arc::new(segs);
         let s = segs.clone();
         let t = std::thread::spawn(move || s.wait_beyond(2, 0));
         segs.cancel();
-        assert!(t.join().unwrap().is_err());
+        assert_eq!(t.join().unwrap(), Err("transfer cancelled".into()));
     }
 }

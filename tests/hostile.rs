@@ -56,7 +56,8 @@ enum Fault {
     /// Honours the first range of 1 MiB or more (a split transfer's head), answers later
     /// ones (its parts) with the whole file.
     HeadRangeOnly,
-    /// Answers every range with at most this many bytes (and says so in Content-Range).
+    /// Answers every open-ended range, and every range of 1 MiB or more, with at most this
+    /// many bytes (and says so in Content-Range). Sparse blocks are answered honestly.
     CappedRanges(usize),
     /// Ignores Range headers: always the whole file with 200.
     NoRanges,
@@ -267,9 +268,12 @@ fn serve(
         Fault::HeadRangeOnly if big_range && !first_big_range => honest(&mut conn, &body, None),
         Fault::HeadRangeOnly => honest(&mut conn, &body, range),
         Fault::CappedRanges(cap) => {
-            let range = range.map(|(from, to)| {
-                let to = to.map_or(len - 1, |t| t.min(len - 1));
-                (from, Some(to.min(from + cap - 1)))
+            let range = range.map(|(from, to)| match to {
+                Some(to) if to - from < 1 << 20 => (from, Some(to)),
+                _ => {
+                    let to = to.map_or(len - 1, |t| t.min(len - 1));
+                    (from, Some(to.min(from + cap - 1)))
+                }
             });
             honest(&mut conn, &body, range)
         }
@@ -982,6 +986,15 @@ fn interrupted_parts_resume_and_odd_range_servers_still_work() {
     assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
     assert!(!case.log_text().contains("download failed"));
 
+    // Caps them at 4 KiB: that is not asked for 5,000 times; it fails after the retries.
+    let (case, _, _dir) = mount_large(Fault::CappedRanges(4096), &[]);
+    let err = fs::read(case.mount.path().join(BIG)).expect_err("4 KiB at a time");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = case.log_text();
+    assert!(log.contains("answered with only 4096 bytes"), "{log}");
+    let reqs = case.server.requests_for(&format!("/{BIG}"));
+    assert!(reqs.len() < 20, "{} requests", reqs.len());
+
     // The sparse read learns there are no ranges (200), then one whole stream.
     let (case, good, _dir) = mount_large(Fault::NoRanges, &[]);
     assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
@@ -1005,7 +1018,7 @@ fn a_package_fetched_while_another_transfer_runs_is_not_split() {
         .replace("c/big-1", "c/big-2")
         .replace(BIG, other);
     fs::write(dir.path().join("Packages"), format!("{index}{second}\n\n")).unwrap();
-    let server = Faulty::start(dir.path(), BIG, Fault::Slow(2 << 20));
+    let server = Faulty::start(dir.path(), BIG, Fault::Slow(1 << 20));
     let cache = TempDir::new().unwrap();
     let mount = Mount::new(&server.url(), cache.path(), &[]).unwrap();
 
@@ -1013,6 +1026,10 @@ fn a_package_fetched_while_another_transfer_runs_is_not_split() {
     let mut head = vec![0u8; 2 << 20];
     slow.read_exact(&mut head).unwrap();
     assert!(head == good[..2 << 20]);
+    assert!(
+        parts_asked(&server).len() >= 2,
+        "the first, alone, was split"
+    );
     assert!(fs::read(mount.path().join(other)).unwrap() == good);
     let reqs = server.requests_for(&format!("/{other}"));
     assert_eq!(
@@ -1020,6 +1037,8 @@ fn a_package_fetched_while_another_transfer_runs_is_not_split() {
         [],
         "the second package was split: {reqs:?}"
     );
+    let whole = reqs.iter().filter(|r| r.ends_with(" None")).count();
+    assert_eq!(whole, 1, "one open-ended stream: {reqs:?}");
 }
 
 /// The bounded ranges of 1 MiB or more among logged requests (`to` inclusive).
