@@ -624,35 +624,61 @@ impl Fetcher {
             (None, _) => pkg.size,
         };
         let start = *have;
-        while *have < limit.min(served_end) {
-            if let Some(reason) = split.parts.get().and_then(|p| p.failure()) {
-                // A part gave up: the file cannot be completed, so say so now, not after
-                // the head is in.
+        // A part that gave up means the file cannot be completed: say so now, not after the
+        // head is in.
+        let part_failed = || split.parts.get().and_then(|p| p.failure());
+        self.pump(
+            &mut body,
+            have,
+            (limit, served_end),
+            pkg.size,
+            chunks,
+            part_failed,
+        )
+        .await?;
+        short_answer(start, *have, limit)
+    }
+
+    /// Moves a body's bytes from `*at` up to `limit` (or where the server said it would stop,
+    /// if sooner) into `chunks`, cutting or refusing what runs past (see `clip`); a body that
+    /// ends where it said must end there (see `expect_end`). `abort` is asked before each chunk.
+    async fn pump(
+        &self,
+        body: &mut crate::remote::Body,
+        at: &mut u64,
+        (limit, served_end): (u64, u64),
+        size: u64,
+        chunks: &mpsc::Sender<Bytes>,
+        abort: impl Fn() -> Option<String>,
+    ) -> Result<(), Failure> {
+        while *at < limit.min(served_end) {
+            if let Some(reason) = abort() {
                 return Err(Failure::Fatal(reason));
             }
             match body.chunk().await {
                 Ok(Some(mut chunk)) => {
-                    clip(&mut chunk, *have, limit, served_end, pkg.size)?;
+                    clip(&mut chunk, *at, limit, served_end, size)?;
                     let len = chunk.len() as u64;
                     self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
                     if chunks.send(chunk).await.is_err() {
                         return Err(Failure::WriterGone);
                     }
-                    *have += len;
+                    *at += len;
                 }
                 Ok(None) => {
                     return Err(Failure::Retry(format!(
                         "truncated at {} of {} bytes",
-                        *have, pkg.size
+                        *at,
+                        limit.min(served_end)
                     )));
                 }
                 Err(e) => return Err(Failure::Retry(chain(&e))),
             }
         }
         if served_end <= limit {
-            expect_end(&mut body, served_end, pkg.size).await?;
+            expect_end(body, served_end, size).await?;
         }
-        short_answer(start, *have, limit)
+        Ok(())
     }
 
     /// Checks an answer's stated lengths against the index before any byte is kept, and
@@ -817,30 +843,21 @@ impl Fetcher {
         } else if served_end != to {
             self.stop_splitting(pkg, "answered a range request with another range");
         }
-        while from + *got < to.min(served_end) {
-            match body.chunk().await {
-                Ok(Some(mut chunk)) => {
-                    clip(&mut chunk, from + *got, to, served_end, pkg.size)?;
-                    let len = chunk.len() as u64;
-                    self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
-                    if chunks.send(chunk).await.is_err() {
-                        return Err(Failure::WriterGone);
-                    }
-                    *got += len;
-                }
-                Ok(None) => {
-                    return Err(Failure::Retry(format!(
-                        "range truncated at {} of {to}",
-                        from + *got
-                    )));
-                }
-                Err(e) => return Err(Failure::Retry(chain(&e))),
-            }
-        }
-        if served_end <= to {
-            expect_end(&mut body, served_end, pkg.size).await?;
-        }
-        short_answer(start, from + *got, to)
+        let mut at = start;
+        let pumped = self
+            .pump(
+                &mut body,
+                &mut at,
+                (to, served_end),
+                pkg.size,
+                chunks,
+                || None,
+            )
+            .await;
+        // What went to the writer counts, even if the answer then failed: resume after it.
+        *got = at - from;
+        pumped?;
+        short_answer(start, at, to)
     }
 }
 

@@ -438,7 +438,12 @@ struct Case {
 
 fn mount_with(fault: Fault, extra: &[&str]) -> Case {
     support::require_real_parts();
-    let server = Faulty::start(&fixture_binhost(), &big()["PATH"], fault);
+    mount_case(&fixture_binhost(), &big()["PATH"], fault, extra)
+}
+
+/// A mount of the binhost at `root` behind a `Faulty` server whose `fault` hits `target`.
+fn mount_case(root: &Path, target: &str, fault: Fault, extra: &[&str]) -> Case {
+    let server = Faulty::start(root, target, fault);
     let cache = TempDir::with_prefix("binpkgfs-cache.").unwrap();
     let log = TempDir::with_prefix("binpkgfs-log.").unwrap();
     let log_file = log.path().join("log");
@@ -846,24 +851,7 @@ fn synthetic_binhost(size: usize, corrupt_at: Option<usize>) -> (TempDir, Vec<u8
 fn mount_large(fault: Fault, extra: &[&str]) -> (Case, Vec<u8>, TempDir) {
     support::require_real_parts();
     let (dir, good) = synthetic_binhost(20 << 20, None);
-    let server = Faulty::start(dir.path(), BIG, fault);
-    let cache = TempDir::with_prefix("binpkgfs-cache.").unwrap();
-    let log = TempDir::with_prefix("binpkgfs-log.").unwrap();
-    let log_file = log.path().join("log");
-    let mut args = vec![
-        "--stall-timeout",
-        "2",
-        "--log-file",
-        log_file.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mount = Mount::new(&server.url(), cache.path(), &args).unwrap();
-    let case = Case {
-        cache,
-        log,
-        server,
-        mount,
-    };
+    let case = mount_case(dir.path(), BIG, fault, extra);
     (case, good, dir)
 }
 
