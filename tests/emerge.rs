@@ -69,14 +69,7 @@ fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
     let sandbox = PortageSandbox::new(&mountpoint);
 
     // (a) Dependency calculation trusts the index and opens no package file.
-    let pretend = sandbox.emerge_ok(&["--pretend", "--usepkgonly", "app-misc/binpkgfs-demo"]);
-    let stdout = String::from_utf8_lossy(&pretend.stdout);
-    for cpf in CHAIN {
-        assert!(
-            stdout.contains(cpf),
-            "emerge --pretend does not plan {cpf}:\n{stdout}"
-        );
-    }
+    assert_pretend_plans_the_chain(&sandbox);
     let requests = nginx.requests();
     assert!(
         requests.iter().all(is_index),
@@ -162,14 +155,7 @@ fn untrusted_index_scan_and_an_incompressible_package_install_byte_for_byte() {
     let mut sandbox = PortageSandbox::new(served.mount.path());
     sandbox.add_feature("-pkgdir-index-trusted");
 
-    let pretend = sandbox.emerge_ok(&["--pretend", "--usepkgonly", "app-misc/binpkgfs-demo"]);
-    let stdout = String::from_utf8_lossy(&pretend.stdout);
-    for cpf in CHAIN {
-        assert!(
-            stdout.contains(cpf),
-            "emerge --pretend does not plan {cpf}:\n{stdout}"
-        );
-    }
+    assert_pretend_plans_the_chain(&sandbox);
 
     sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-data"]);
     assert_eq!(sandbox.installed(), ["app-misc/demo-data-1.0"]);
@@ -194,6 +180,18 @@ fn untrusted_index_scan_and_an_incompressible_package_install_byte_for_byte() {
 
 /// Every file in the package's image (extracted from the committed fixture
 /// with `tar` and `zstd`) was installed under the sandbox with identical bytes.
+/// `emerge --pretend --usepkgonly` of the demo package plans the whole chain.
+fn assert_pretend_plans_the_chain(sandbox: &PortageSandbox) {
+    let pretend = sandbox.emerge_ok(&["--pretend", "--usepkgonly", "app-misc/binpkgfs-demo"]);
+    let stdout = String::from_utf8_lossy(&pretend.stdout);
+    for cpf in CHAIN {
+        assert!(
+            stdout.contains(cpf),
+            "emerge --pretend does not plan {cpf}:\n{stdout}"
+        );
+    }
+}
+
 fn assert_installed_as_packaged(sandbox: &PortageSandbox, entry: &IndexEntry) {
     let cpv = &entry["CPV"];
     let unpacked = TempDir::new().unwrap();

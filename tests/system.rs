@@ -54,14 +54,8 @@ stop() { return 0; }
 
 #[test]
 fn mount_t_binpkgfs_serves_the_binhost_and_umount_ends_the_daemon() {
-    let _lock = system_lock();
-    require_real_parts(false);
-    let _helper = install_helper();
-    let binhost = Binhost::new();
-    let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
-    let mnt = mkdir(tmp.path(), "pkgdir");
-    let pid_file = tmp.path().join("binpkgfs.pid");
-    let _cleanup = MountGuard::new(&mnt, &pid_file);
+    let case = HelperCase::new();
+    let (binhost, tmp, mnt, pid_file) = (&case.binhost, &case.tmp, &case.mnt, &case.pid_file);
 
     let opts = format!(
         "ro,cache_dir={},pid_file={}",
@@ -70,33 +64,27 @@ fn mount_t_binpkgfs_serves_the_binhost_and_umount_ends_the_daemon() {
     );
     let r = run(mount_cmd()
         .args(["-t", "binpkgfs", &binhost.url()])
-        .arg(&mnt)
+        .arg(mnt)
         .args(["-o", &opts]));
     assert!(r.ok(), "mount -t binpkgfs failed:\n{}", r.out);
 
-    let (fstype, source) = mounted(&mnt).expect("mount(8) succeeded but nothing is mounted");
+    let (fstype, source) = mounted(mnt).expect("mount(8) succeeded but nothing is mounted");
     assert!(fstype.starts_with("fuse"), "mounted as {fstype}, not FUSE");
     assert_eq!(source, binhost.url(), "mount source in mountinfo");
-    binhost.assert_served_at(&mnt);
-    let pid = daemon_pid(&pid_file);
+    binhost.assert_served_at(mnt);
+    let pid = daemon_pid(pid_file);
 
-    let r = run(Command::new("umount").arg(&mnt));
+    let r = run(Command::new("umount").arg(mnt));
     assert!(r.ok(), "umount failed:\n{}", r.out);
-    assert_eq!(mounted(&mnt), None, "still mounted after umount");
+    assert_eq!(mounted(mnt), None, "still mounted after umount");
     assert_daemon_exits(pid);
     assert!(!pid_file.exists(), "the daemon left its pid file behind");
 }
 
 #[test]
 fn fstab_line_mounts_by_directory_and_mount_a_is_idempotent() {
-    let _lock = system_lock();
-    require_real_parts(false);
-    let _helper = install_helper();
-    let binhost = Binhost::new();
-    let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
-    let mnt = mkdir(tmp.path(), "pkgdir");
-    let pid_file = tmp.path().join("binpkgfs.pid");
-    let _cleanup = MountGuard::new(&mnt, &pid_file);
+    let case = HelperCase::new();
+    let (binhost, tmp, mnt, pid_file) = (&case.binhost, &case.tmp, &case.mnt, &case.pid_file);
     let fstab = tmp.path().join("fstab");
     fs::write(
         &fstab,
@@ -116,19 +104,19 @@ fn fstab_line_mounts_by_directory_and_mount_a_is_idempotent() {
         .arg(&fstab));
     assert!(r.ok(), "mount -a -O no_netdev failed:\n{}", r.out);
     assert_eq!(
-        mounted(&mnt),
+        mounted(mnt),
         None,
         "a _netdev line was mounted without the network"
     );
 
-    let r = run(mount_cmd().arg("--fstab").arg(&fstab).arg(&mnt));
+    let r = run(mount_cmd().arg("--fstab").arg(&fstab).arg(mnt));
     assert!(r.ok(), "mount DIR with the fstab line failed:\n{}", r.out);
     assert!(
-        mounted(&mnt).is_some(),
+        mounted(mnt).is_some(),
         "mount(8) succeeded but nothing is mounted"
     );
-    binhost.assert_served_at(&mnt);
-    let pid = daemon_pid(&pid_file);
+    binhost.assert_served_at(mnt);
+    let pid = daemon_pid(pid_file);
 
     // What netmount does at boot or restart: mounting again is a no-op, not a second mount.
     let r = run(mount_cmd()
@@ -139,25 +127,19 @@ fn fstab_line_mounts_by_directory_and_mount_a_is_idempotent() {
         "mount -a -O _netdev on a mounted line failed:\n{}",
         r.out
     );
-    assert_eq!(mount_count(&mnt), 1, "mount -a stacked a second mount");
-    assert_eq!(daemon_pid(&pid_file), pid);
+    assert_eq!(mount_count(mnt), 1, "mount -a stacked a second mount");
+    assert_eq!(daemon_pid(pid_file), pid);
 
-    let r = run(Command::new("umount").arg(&mnt));
+    let r = run(Command::new("umount").arg(mnt));
     assert!(r.ok(), "umount failed:\n{}", r.out);
-    assert_eq!(mounted(&mnt), None, "still mounted after umount");
+    assert_eq!(mounted(mnt), None, "still mounted after umount");
     assert_daemon_exits(pid);
 }
 
 #[test]
 fn mount_helper_mounts_read_only_by_default_fakes_and_names_a_missing_binary() {
-    let _lock = system_lock();
-    require_real_parts(false);
-    let _helper = install_helper();
-    let binhost = Binhost::new();
-    let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
-    let mnt = mkdir(tmp.path(), "pkgdir");
-    let pid_file = tmp.path().join("binpkgfs.pid");
-    let _cleanup = MountGuard::new(&mnt, &pid_file);
+    let case = HelperCase::new();
+    let (binhost, tmp, mnt, pid_file) = (&case.binhost, &case.tmp, &case.mnt, &case.pid_file);
     let opts = format!(
         "cache_dir={},pid_file={}",
         tmp.path().join("cache").display(),
@@ -167,7 +149,7 @@ fn mount_helper_mounts_read_only_by_default_fakes_and_names_a_missing_binary() {
     // -f: mount(8) goes through the motions, the helper says what it would run, nothing mounts.
     let r = run(mount_cmd()
         .args(["-f", "-v", "-t", "binpkgfs", &binhost.url()])
-        .arg(&mnt)
+        .arg(mnt)
         .args(["-o", &opts]));
     assert!(r.ok(), "mount -f failed:\n{}", r.out);
     assert!(
@@ -175,13 +157,13 @@ fn mount_helper_mounts_read_only_by_default_fakes_and_names_a_missing_binary() {
         "mount -f -v did not show the command:\n{}",
         r.out
     );
-    assert_eq!(mounted(&mnt), None, "mount -f mounted something");
+    assert_eq!(mounted(mnt), None, "mount -f mounted something");
 
     // A missing binary is a one-line error and mount(8)'s failure status, not a hang.
     let r = run(mount_cmd()
         .env("BINPKGFS_BIN", "/nonexistent/binpkgfs")
         .args(["-t", "binpkgfs", &binhost.url()])
-        .arg(&mnt)
+        .arg(mnt)
         .args(["-o", &opts]));
     assert!(!r.ok(), "mount with a missing binary succeeded:\n{}", r.out);
     assert!(
@@ -190,15 +172,15 @@ fn mount_helper_mounts_read_only_by_default_fakes_and_names_a_missing_binary() {
         "{}",
         r.out
     );
-    assert_eq!(mounted(&mnt), None);
+    assert_eq!(mounted(mnt), None);
 
     // No `ro` given: mount(8) passes `rw`, which binpkgfs refuses; the helper mounts read-only.
     let r = run(mount_cmd()
         .args(["-t", "binpkgfs", &binhost.url()])
-        .arg(&mnt)
+        .arg(mnt)
         .args(["-o", &opts]));
     assert!(r.ok(), "mount without `ro` failed:\n{}", r.out);
-    let line = mountinfo_line(&mnt).expect("nothing mounted");
+    let line = mountinfo_line(mnt).expect("nothing mounted");
     assert!(
         line.split(' ')
             .nth(5)
@@ -207,9 +189,9 @@ fn mount_helper_mounts_read_only_by_default_fakes_and_names_a_missing_binary() {
             .any(|o| o == "ro"),
         "not read-only: {line}"
     );
-    binhost.assert_served_at(&mnt);
-    let pid = daemon_pid(&pid_file);
-    let r = run(Command::new("umount").arg(&mnt));
+    binhost.assert_served_at(mnt);
+    let pid = daemon_pid(pid_file);
+    let r = run(Command::new("umount").arg(mnt));
     assert!(r.ok(), "umount failed:\n{}", r.out);
     assert_daemon_exits(pid);
 }
@@ -758,6 +740,40 @@ impl Drop for Installed {
         let _ = fs::remove_file(&self.path);
         if let Some(saved) = &self.saved {
             let _ = fs::rename(saved, &self.path);
+        }
+    }
+}
+
+/// What the mount(8) tests share: the system lock, the helper installed, a binhost, and a
+/// scratch directory with a mount point and a pid file, guarded so that whatever is left
+/// mounted is unmounted. Fields drop in order: unmount, scratch, binhost, helper, lock.
+struct HelperCase {
+    _cleanup: MountGuard,
+    tmp: TempDir,
+    mnt: PathBuf,
+    pid_file: PathBuf,
+    binhost: Binhost,
+    _helper: Installed,
+    _lock: SystemLock,
+}
+
+impl HelperCase {
+    fn new() -> HelperCase {
+        let lock = system_lock();
+        require_real_parts(false);
+        let helper = install_helper();
+        let binhost = Binhost::new();
+        let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
+        let mnt = mkdir(tmp.path(), "pkgdir");
+        let pid_file = tmp.path().join("binpkgfs.pid");
+        HelperCase {
+            _cleanup: MountGuard::new(&mnt, &pid_file),
+            tmp,
+            mnt,
+            pid_file,
+            binhost,
+            _helper: helper,
+            _lock: lock,
         }
     }
 }
