@@ -202,24 +202,18 @@ fn mount_helper_mounts_read_only_by_default_fakes_and_names_a_missing_binary() {
 
 #[test]
 fn openrc_service_starts_serves_reports_and_stops() {
-    let _lock = system_lock();
-    require_real_parts(true);
-    let binhost = Binhost::new();
-    let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
-    // Not created: the service makes its mount point.
-    let mnt = tmp.path().join("binpkgs");
-    let _cleanup = MountGuard::new(&mnt, Path::new(SERVICE_PIDFILE));
-    let _openrc = OpenRc::install(&service_conf(&binhost.url(), &mnt, tmp.path()));
+    let case = ServiceCase::new();
+    let (binhost, mnt) = (&case.binhost, &case.mnt);
 
     let r = rc_service("start");
     assert!(r.ok(), "rc-service binpkgfs start failed:\n{}", r.out);
     // start returned, so the mount must answer now, with no waiting.
     assert!(
-        mounted(&mnt).is_some(),
+        mounted(mnt).is_some(),
         "start succeeded but {} is not mounted",
         mnt.display()
     );
-    binhost.assert_served_at(&mnt);
+    binhost.assert_served_at(mnt);
     let pid = daemon_pid(Path::new(SERVICE_PIDFILE));
 
     let r = rc_service("status");
@@ -229,7 +223,7 @@ fn openrc_service_starts_serves_reports_and_stops() {
     let r = rc_service("stop");
     assert!(r.ok(), "rc-service binpkgfs stop failed:\n{}", r.out);
     // stop waits for the daemon: gone already, not soon.
-    assert_eq!(mounted(&mnt), None, "still mounted after stop");
+    assert_eq!(mounted(mnt), None, "still mounted after stop");
     assert!(
         !running(pid),
         "daemon {pid} still running after stop returned"
@@ -243,13 +237,8 @@ fn openrc_service_starts_serves_reports_and_stops() {
 
 #[test]
 fn openrc_status_reports_a_crashed_daemon_and_restart_recovers_the_mount() {
-    let _lock = system_lock();
-    require_real_parts(true);
-    let binhost = Binhost::new();
-    let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
-    let mnt = tmp.path().join("binpkgs");
-    let _cleanup = MountGuard::new(&mnt, Path::new(SERVICE_PIDFILE));
-    let _openrc = OpenRc::install(&service_conf(&binhost.url(), &mnt, tmp.path()));
+    let case = ServiceCase::new();
+    let (binhost, mnt) = (&case.binhost, &case.mnt);
 
     let r = rc_service("start");
     assert!(r.ok(), "rc-service binpkgfs start failed:\n{}", r.out);
@@ -270,18 +259,18 @@ fn openrc_status_reports_a_crashed_daemon_and_restart_recovers_the_mount() {
     let r = rc_service("restart");
     assert!(r.ok(), "restart after a crash failed:\n{}", r.out);
     assert_eq!(
-        mount_count(&mnt),
+        mount_count(mnt),
         1,
         "restart left the dead mount underneath"
     );
-    binhost.assert_served_at(&mnt);
+    binhost.assert_served_at(mnt);
     let pid = daemon_pid(Path::new(SERVICE_PIDFILE));
     let r = rc_service("status");
     assert!(r.ok(), "status after restart:\n{}", r.out);
 
     let r = rc_service("stop");
     assert!(r.ok(), "stop failed:\n{}", r.out);
-    assert_eq!(mounted(&mnt), None, "still mounted after stop");
+    assert_eq!(mounted(mnt), None, "still mounted after stop");
     assert!(
         !running(pid),
         "daemon {pid} still running after stop returned"
@@ -740,6 +729,36 @@ impl Drop for Installed {
         let _ = fs::remove_file(&self.path);
         if let Some(saved) = &self.saved {
             let _ = fs::rename(saved, &self.path);
+        }
+    }
+}
+
+/// What the OpenRC tests share: the system lock, a binhost, and the service installed with a
+/// mount point (not created: the service makes it) in a scratch directory, guarded so that
+/// whatever is left mounted is unmounted. Fields drop in order: service, unmount, the rest.
+struct ServiceCase {
+    _openrc: OpenRc,
+    _cleanup: MountGuard,
+    mnt: PathBuf,
+    _tmp: TempDir,
+    binhost: Binhost,
+    _lock: SystemLock,
+}
+
+impl ServiceCase {
+    fn new() -> ServiceCase {
+        let lock = system_lock();
+        require_real_parts(true);
+        let binhost = Binhost::new();
+        let tmp = TempDir::with_prefix("binpkgfs-system.").unwrap();
+        let mnt = tmp.path().join("binpkgs");
+        ServiceCase {
+            _openrc: OpenRc::install(&service_conf(&binhost.url(), &mnt, tmp.path())),
+            _cleanup: MountGuard::new(&mnt, Path::new(SERVICE_PIDFILE)),
+            mnt,
+            _tmp: tmp,
+            binhost,
+            _lock: lock,
         }
     }
 }
