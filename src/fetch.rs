@@ -278,6 +278,17 @@ pub struct Fetcher {
     pub stats: Stats,
 }
 
+/// The window over which a head's rate is measured while a split is pending: enough to see a
+/// rate (and TCP's slow start on a long path), little enough to decide early in the head.
+const PROBE: u64 = 256 * 1024;
+
+/// A head whose every `PROBE` window came at this rate or faster stays one stream. Above it one
+/// connection already does what parts are for (a LAN binhost, loopback), while hashing every
+/// byte for every digest is the bound on small machines, and parts only add connections to a
+/// shared binhost and CPU for reading them back. Below it (a capped connection, a long round
+/// trip, a slow link) parts fill what one stream cannot.
+const SPLIT_BELOW: f64 = 64.0 * 1024.0 * 1024.0;
+
 /// How many sparse blobs outlive their last close (see `Fetcher::recent`).
 const LINGER: usize = 32;
 
@@ -510,6 +521,7 @@ impl Fetcher {
             parts: parts.clone(),
             file: file.clone(),
             tasks: Vec::new(),
+            decided: false,
         };
         let writer = {
             let (size, digests, tx, store) = (
@@ -588,9 +600,10 @@ impl Fetcher {
             self.check_online().map_err(Failure::Fatal)?;
         }
         // Split on the first answer: ask for the head only; a 206 for exactly that range says
-        // the server does ranges, and the parts are started.
+        // the server does ranges, and the parts are started if this one stream turns out slow.
         let plan = match split.parts.get() {
             Some(_) => None,
+            None if split.decided => None,
             None => self.plan(pkg, *have),
         };
         let head_end = split
@@ -607,9 +620,10 @@ impl Fetcher {
         };
         *self.offline.lock().unwrap() = None;
         let served_end = self.check_answer(pkg, &body, *have)?;
+        let mut pending = None;
         let limit = match (head_end, plan) {
             (Some(end), Some((_, segs))) if body.range_end() == Some(end) => {
-                self.start_parts(pkg, segs, split);
+                pending = Some(segs);
                 end
             }
             (Some(end), None) => end,
@@ -624,24 +638,54 @@ impl Fetcher {
             (None, _) => pkg.size,
         };
         let start = *have;
-        // A part that gave up means the file cannot be completed: say so now, not after the
-        // head is in.
-        let part_failed = || split.parts.get().and_then(|p| p.failure());
+        // While the plan is pending, the head's rate is measured over every `PROBE` bytes,
+        // from its first chunk on (a server slow to start answering is not a slow stream): the
+        // first window slower than `SPLIT_BELOW` starts the parts. Not only the first window:
+        // nginx's `limit_rate` lets a second's worth through at full speed before it caps.
+        let mut window: Option<(Instant, u64)> = None;
+        let progress = |at: u64| {
+            // A part that gave up means the file cannot be completed: say so now, not after
+            // the head is in.
+            if let Some(reason) = split.parts.get().and_then(|p| p.failure()) {
+                return Err(Failure::Fatal(reason));
+            }
+            if pending.is_none() {
+                return Ok(());
+            }
+            let (since, from) = *window.get_or_insert((Instant::now(), at));
+            if at - from >= PROBE {
+                let rate = (at - from) as f64 / since.elapsed().as_secs_f64().max(1e-6);
+                if rate < SPLIT_BELOW
+                    && let Some(segs) = pending.take()
+                {
+                    debug!(path = %pkg.path, mbps = format!("{:.1}", rate / 1e6), "one stream is slow: split");
+                    self.start_parts(pkg, segs, split);
+                }
+                window = Some((Instant::now(), at));
+            }
+            Ok(())
+        };
         self.pump(
             &mut body,
             have,
             (limit, served_end),
             pkg.size,
             chunks,
-            part_failed,
+            progress,
         )
         .await?;
-        short_answer(start, *have, limit)
+        if pending.is_some() {
+            // Fast all along: this transfer stays one stream, and the rest comes next.
+            split.decided = true;
+        }
+        let done = short_answer(start, *have, limit)?;
+        Ok(done && (split.parts.get().is_some() || *have == pkg.size))
     }
 
     /// Moves a body's bytes from `*at` up to `limit` (or where the server said it would stop,
     /// if sooner) into `chunks`, cutting or refusing what runs past (see `clip`); a body that
-    /// ends where it said must end there (see `expect_end`). `abort` is asked before each chunk.
+    /// ends where it said must end there (see `expect_end`). `progress` hears of every chunk
+    /// (the new position) and may stop the transfer.
     async fn pump(
         &self,
         body: &mut crate::remote::Body,
@@ -649,12 +693,9 @@ impl Fetcher {
         (limit, served_end): (u64, u64),
         size: u64,
         chunks: &mpsc::Sender<Bytes>,
-        abort: impl Fn() -> Option<String>,
+        mut progress: impl FnMut(u64) -> Result<(), Failure>,
     ) -> Result<(), Failure> {
         while *at < limit.min(served_end) {
-            if let Some(reason) = abort() {
-                return Err(Failure::Fatal(reason));
-            }
             match body.chunk().await {
                 Ok(Some(mut chunk)) => {
                     clip(&mut chunk, *at, limit, served_end, size)?;
@@ -664,6 +705,7 @@ impl Fetcher {
                         return Err(Failure::WriterGone);
                     }
                     *at += len;
+                    progress(*at)?;
                 }
                 Ok(None) => {
                     return Err(Failure::Retry(format!(
@@ -736,7 +778,8 @@ impl Fetcher {
     /// the link already carries several streams, and splitting each of them only shares the
     /// same bandwidth more finely, delays the front of the file a reader is waiting for, and
     /// costs CPU the install needs (measured: `bench/emerge-shaped.sh` cold went from 1.07x to
-    /// 1.11x local when every prefetched package was split).
+    /// 1.11x local when every prefetched package was split). A plan is only a plan: the parts
+    /// start once the head's first `PROBE` bytes came slower than `SPLIT_BELOW` (see `attempt`).
     fn plan(&self, pkg: &Package, have: u64) -> Option<(u64, Segments)> {
         if self.streams < 2
             || self.no_split.load(Ordering::Relaxed)
@@ -851,7 +894,7 @@ impl Fetcher {
                 (to, served_end),
                 pkg.size,
                 chunks,
-                || None,
+                |_| Ok(()),
             )
             .await;
         // What went to the writer counts, even if the answer then failed: resume after it.
@@ -926,6 +969,8 @@ struct Split {
     parts: Arc<OnceLock<Arc<Segments>>>,
     file: Arc<File>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The head was fast enough alone: this transfer stays one stream.
+    decided: bool,
 }
 
 impl Split {

@@ -10,8 +10,10 @@
 //!
 //! Why: one TCP stream is capped by its window on a long path, and many servers and CDNs cap
 //! each connection (nginx `limit_rate`); several streams fill the link. Where one stream
-//! already fills it, they cost a few requests. `Segments` is the bookkeeping both sides share:
-//! the async part fetchers report progress, the blocking writer waits on it.
+//! already fills it (a LAN, loopback) they only cost connections and CPU, so the fetcher splits
+//! a transfer only when it runs alone and its first stream turns out slow. `Segments` is the
+//! bookkeeping both sides share: the async part fetchers report progress, the blocking writer
+//! waits on it.
 
 use std::sync::{Condvar, Mutex};
 

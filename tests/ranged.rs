@@ -128,8 +128,10 @@ fn reindex_scan_fetches_a_few_percent_and_install_fetches_about_once() {
 #[test]
 fn a_large_package_read_whole_comes_from_nginx_in_parallel_parts() {
     // 20 MiB of data under an index entry with its SIZE and digests (the fetch path checks
-    // nothing else), served by real nginx: its 206 answers, Content-Range and keep-alive
-    // connections are what the parts must get right.
+    // nothing else), served by real nginx capping each request at 2 MB/s after a first
+    // second at full speed (`limit_rate`), so the head turns slow and the transfer is split:
+    // nginx's 206 answers, Content-Range and keep-alive connections are what the parts must
+    // get right.
     support::require_real_parts();
     let dir = TempDir::new().unwrap();
     let data: Vec<u8> = (0..20u32 << 20)
@@ -149,7 +151,7 @@ fn a_large_package_read_whole_comes_from_nginx_in_parallel_parts() {
         ),
     )
     .unwrap();
-    let nginx = Nginx::start(dir.path());
+    let nginx = Nginx::start_limited(dir.path(), "2m");
     let cache = TempDir::new().unwrap();
     let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
 

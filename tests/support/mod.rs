@@ -409,11 +409,20 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx serving `root` and returns once its port answers.
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, None)
+    }
+
+    /// Like `start`, with each connection capped at `rate` (nginx `limit_rate`, e.g. `8m`).
+    pub fn start_limited(root: &Path, rate: &str) -> Nginx {
+        Nginx::start_with(root, Some(rate))
+    }
+
+    fn start_with(root: &Path, rate: Option<&str>) -> Nginx {
         // A free port can be taken by someone else before nginx binds it:
         // retry with another one.
         let mut last_error = String::new();
         for _ in 0..5 {
-            match Nginx::try_start(root) {
+            match Nginx::try_start(root, rate) {
                 Ok(nginx) => return nginx,
                 Err(err) => last_error = err,
             }
@@ -421,11 +430,11 @@ impl Nginx {
         panic!("nginx did not start: {last_error}");
     }
 
-    fn try_start(root: &Path) -> Result<Nginx, String> {
+    fn try_start(root: &Path, rate: Option<&str>) -> Result<Nginx, String> {
         let dir = TempDir::with_prefix("binpkgfs-nginx.").expect("nginx temp dir");
         let port = free_port();
         let conf = dir.path().join("nginx.conf");
-        fs::write(&conf, nginx_conf(dir.path(), root, port)).expect("write nginx.conf");
+        fs::write(&conf, nginx_conf(dir.path(), root, port, rate)).expect("write nginx.conf");
         let child = Command::new(NGINX)
             .arg("-c")
             .arg(&conf)
@@ -537,9 +546,10 @@ fn free_port() -> u16 {
 
 /// A single-process nginx (`master_process off`, so one kill stops it all)
 /// that keeps every file it writes in `dir`.
-fn nginx_conf(dir: &Path, root: &Path, port: u16) -> String {
+fn nginx_conf(dir: &Path, root: &Path, port: u16, rate: Option<&str>) -> String {
     let dir = dir.display();
     let root = root.display();
+    let limit = rate.map_or(String::new(), |r| format!("limit_rate {r};"));
     format!(
         r#"user root;
 daemon off;
@@ -563,6 +573,7 @@ http {{
     default_type application/octet-stream;
     sendfile on;
     keepalive_requests 100000;
+    {limit}
 
     server {{
         listen 127.0.0.1:{port};
