@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -294,7 +294,7 @@ const LINGER: usize = 32;
 
 /// How long a connect failure makes further transfers fail at once. After it, one transfer
 /// tries again, so reads recover without a remount when the binhost is back.
-const OFFLINE_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+const OFFLINE_HOLD: Duration = Duration::from_secs(10);
 
 impl Fetcher {
     pub fn new(remote: Remote, store: Arc<Store>) -> Fetcher {
@@ -639,11 +639,13 @@ impl Fetcher {
         };
         let start = *have;
         // While the plan is pending, the head's rate is measured over every `PROBE` bytes,
-        // from its first chunk on (a server slow to start answering is not a slow stream): the
-        // first window slower than `SPLIT_BELOW` starts the parts. Not only the first window:
-        // nginx's `limit_rate` lets a second's worth through at full speed before it caps.
-        let mut window: Option<(Instant, u64)> = None;
-        let progress = |at: u64| {
+        // from its first chunk on (a server slow to start answering is not a slow stream), as
+        // bytes per second spent waiting for the network (time the writer holds us up is a
+        // busy CPU, which parts would not help): the first window slower than `SPLIT_BELOW`
+        // starts the parts. Every window, not just the first: nginx's `limit_rate` lets a
+        // first burst through at full speed before it caps.
+        let mut window: Option<(u64, Duration)> = None;
+        let progress = |at: u64, waited: Duration| {
             // A part that gave up means the file cannot be completed: say so now, not after
             // the head is in.
             if let Some(reason) = split.parts.get().and_then(|p| p.failure()) {
@@ -652,16 +654,20 @@ impl Fetcher {
             if pending.is_none() {
                 return Ok(());
             }
-            let (since, from) = *window.get_or_insert((Instant::now(), at));
-            if at - from >= PROBE {
-                let rate = (at - from) as f64 / since.elapsed().as_secs_f64().max(1e-6);
+            let Some((from, spent)) = &mut window else {
+                window = Some((at, Duration::ZERO));
+                return Ok(());
+            };
+            *spent += waited;
+            if at - *from >= PROBE {
+                let rate = (at - *from) as f64 / spent.as_secs_f64().max(1e-6);
                 if rate < SPLIT_BELOW
                     && let Some(segs) = pending.take()
                 {
                     debug!(path = %pkg.path, mbps = format!("{:.1}", rate / 1e6), "one stream is slow: split");
                     self.start_parts(pkg, segs, split);
                 }
-                window = Some((Instant::now(), at));
+                window = Some((at, Duration::ZERO));
             }
             Ok(())
         };
@@ -685,7 +691,7 @@ impl Fetcher {
     /// Moves a body's bytes from `*at` up to `limit` (or where the server said it would stop,
     /// if sooner) into `chunks`, cutting or refusing what runs past (see `clip`); a body that
     /// ends where it said must end there (see `expect_end`). `progress` hears of every chunk
-    /// (the new position) and may stop the transfer.
+    /// (the new position, and how long the chunk was waited for) and may stop the transfer.
     async fn pump(
         &self,
         body: &mut crate::remote::Body,
@@ -693,10 +699,13 @@ impl Fetcher {
         (limit, served_end): (u64, u64),
         size: u64,
         chunks: &mpsc::Sender<Bytes>,
-        mut progress: impl FnMut(u64) -> Result<(), Failure>,
+        mut progress: impl FnMut(u64, Duration) -> Result<(), Failure>,
     ) -> Result<(), Failure> {
         while *at < limit.min(served_end) {
-            match body.chunk().await {
+            let asked = Instant::now();
+            let next = body.chunk().await;
+            let waited = asked.elapsed();
+            match next {
                 Ok(Some(mut chunk)) => {
                     clip(&mut chunk, *at, limit, served_end, size)?;
                     let len = chunk.len() as u64;
@@ -705,7 +714,7 @@ impl Fetcher {
                         return Err(Failure::WriterGone);
                     }
                     *at += len;
-                    progress(*at)?;
+                    progress(*at, waited)?;
                 }
                 Ok(None) => {
                     return Err(Failure::Retry(format!(
@@ -894,7 +903,7 @@ impl Fetcher {
                 (to, served_end),
                 pkg.size,
                 chunks,
-                |_| Ok(()),
+                |_, _| Ok(()),
             )
             .await;
         // What went to the writer counts, even if the answer then failed: resume after it.
@@ -1009,7 +1018,7 @@ impl Drop for InFlight<'_> {
 /// How many times a transfer is resumed after a transient failure, and the first backoff
 /// (doubling each time): at most 0.5 + 1 + 2 s of waiting.
 const RETRIES: u32 = 3;
-const BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
+const BACKOFF: Duration = Duration::from_millis(500);
 
 enum Failure {
     /// The binhost may do better next time.
