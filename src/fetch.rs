@@ -278,9 +278,11 @@ pub struct Fetcher {
     pub stats: Stats,
 }
 
-/// The window over which a head's rate is measured while a split is pending: enough to see a
-/// rate (and TCP's slow start on a long path), little enough to decide early in the head.
-const PROBE: u64 = 256 * 1024;
+/// The window over which a head's rate is measured while a split is pending: long enough that
+/// a time slice lost to a busy CPU (which shows as waiting, since the connection task was not
+/// run) does not make a fast stream look slow (at the threshold a window may wait 15 ms),
+/// short enough to decide early in a head of at least 4 MiB.
+const PROBE: u64 = 1 << 20;
 
 /// A head whose every `PROBE` window came at this rate or faster stays one stream. Above it one
 /// connection already does what parts are for (a LAN binhost, loopback), while hashing every
@@ -638,7 +640,7 @@ impl Fetcher {
             (None, _) => pkg.size,
         };
         let start = *have;
-        // While the plan is pending, the head's rate is measured over every `PROBE` bytes,
+        // While the plan is pending, the head's rate is measured over each `PROBE` bytes,
         // from its first chunk on (a server slow to start answering is not a slow stream), as
         // bytes per second spent waiting for the network (time the writer holds us up is a
         // busy CPU, which parts would not help): the first window slower than `SPLIT_BELOW`
@@ -788,7 +790,8 @@ impl Fetcher {
     /// same bandwidth more finely, delays the front of the file a reader is waiting for, and
     /// costs CPU the install needs (measured: `bench/emerge-shaped.sh` cold went from 1.07x to
     /// 1.11x local when every prefetched package was split). A plan is only a plan: the parts
-    /// start once the head's first `PROBE` bytes came slower than `SPLIT_BELOW` (see `attempt`).
+    /// start at the first `PROBE` window of the head that came slower than `SPLIT_BELOW` (see
+    /// `attempt`).
     fn plan(&self, pkg: &Package, have: u64) -> Option<(u64, Segments)> {
         if self.streams < 2
             || self.no_split.load(Ordering::Relaxed)
