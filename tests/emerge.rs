@@ -10,8 +10,8 @@ mod support;
 use std::fs;
 
 use support::{
-    IndexEntry, LogLine, Mount, Nginx, PortageSandbox, copy_fixture_binhost, extract_gpkg_image,
-    fixture_binhost, fixture_packages, is_mounted, list_files, require_real_parts,
+    IndexEntry, LogLine, PortageSandbox, Served, entry_for, extract_gpkg_image, fixture_binhost,
+    fixture_packages, is_mounted, list_files,
 };
 use tempfile::TempDir;
 
@@ -22,47 +22,13 @@ const CHAIN: [&str; 3] = [
     "sys-apps/demo-base-1.0",
 ];
 
-/// A copy of the fixture binhost, served by nginx, mounted by binpkgfs.
-struct Served {
-    // Field order is drop order: unmount before nginx stops.
-    mount: Mount,
-    nginx: Nginx,
-    _cache: TempDir,
-    _binhost: TempDir,
-}
-
-impl Served {
-    fn new() -> Served {
-        require_real_parts();
-        let binhost = TempDir::new().unwrap();
-        copy_fixture_binhost(binhost.path());
-        let nginx = Nginx::start(binhost.path());
-        let cache = TempDir::new().unwrap();
-        let mount = Mount::new(&nginx.url(), cache.path(), &[])
-            .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
-        Served {
-            mount,
-            nginx,
-            _cache: cache,
-            _binhost: binhost,
-        }
-    }
-}
-
-fn entry_for(cpv: &str) -> IndexEntry {
-    fixture_packages()
-        .into_iter()
-        .find(|entry| entry["CPV"] == cpv)
-        .unwrap_or_else(|| panic!("{cpv} is not in the fixture binhost"))
-}
-
 fn is_index(line: &LogLine) -> bool {
     matches!(line.uri.as_str(), "/Packages" | "/Packages.gz")
 }
 
 #[test]
 fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
-    let mut served = Served::new();
+    let mut served = Served::new(&[]);
     let nginx = &served.nginx;
     let mountpoint = served.mount.path().to_owned();
     let daemon = served.mount.pid();
@@ -151,7 +117,7 @@ fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
 /// crosses the network twice.
 #[test]
 fn untrusted_index_scan_and_an_incompressible_package_install_byte_for_byte() {
-    let served = Served::new();
+    let served = Served::new(&[]);
     let mut sandbox = PortageSandbox::new(served.mount.path());
     sandbox.add_feature("-pkgdir-index-trusted");
 

@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::{
-    EMERGE_TIMEOUT, IndexEntry, LogLine, Mount, Nginx, PortageSandbox, binpkgfs_bin,
-    copy_fixture_binhost, fixture_binhost, fixture_packages, require_real_parts, wait_until,
+    EMERGE_TIMEOUT, IndexEntry, LogLine, PortageSandbox, Served, binpkgfs_bin, entry_for,
+    fixture_binhost, wait_until,
 };
 use tempfile::TempDir;
 
@@ -22,73 +22,15 @@ const CHAIN: [&str; 3] = [
     "app-misc/binpkgfs-demo-0.3",
 ];
 
-/// A copy of the fixture binhost, served by nginx, mounted by binpkgfs.
-struct Served {
-    // Field order is drop order: unmount before nginx stops.
-    mount: Mount,
-    nginx: Nginx,
-    cache: TempDir,
-    _binhost: TempDir,
-}
-
-impl Served {
-    fn new(extra_args: &[&str]) -> Served {
-        require_real_parts();
-        let binhost = TempDir::new().unwrap();
-        copy_fixture_binhost(binhost.path());
-        let nginx = Nginx::start(binhost.path());
-        let cache = TempDir::new().unwrap();
-        let mount = Mount::new(&nginx.url(), cache.path(), extra_args)
-            .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
-        Served {
-            mount,
-            nginx,
-            cache,
-            _binhost: binhost,
-        }
-    }
-
-    fn daemon_log(&self) -> String {
-        fs::read_to_string(self.cache.path().join("binpkgfs.log")).unwrap_or_default()
-    }
-
-    /// GET requests nginx logged for `entry`'s file.
-    fn fetches_of(&self, entry: &IndexEntry) -> Vec<LogLine> {
-        let uri = format!("/{}", entry["PATH"]);
-        self.nginx
-            .requests()
-            .into_iter()
-            .filter(|line| line.uri == uri)
-            .collect()
-    }
-
-    /// nginx logs a request just after sending its last byte, which a fast client can beat:
-    /// wait (briefly) until each of `entries` shows up, or a moment if none are expected.
-    fn settle(&self, entries: &[&IndexEntry]) {
-        if entries.is_empty() {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        wait_until(Duration::from_secs(5), || {
-            entries.iter().all(|e| !self.fetches_of(e).is_empty())
-        });
-    }
-
-    fn prefetch(&self, args: &[&str]) -> Output {
-        Command::new(binpkgfs_bin())
-            .arg("prefetch")
-            .arg("--mount")
-            .arg(self.mount.path())
-            .args(args)
-            .output()
-            .expect("run binpkgfs prefetch")
-    }
-}
-
-fn entry_for(cpv: &str) -> IndexEntry {
-    fixture_packages()
-        .into_iter()
-        .find(|entry| entry["CPV"] == cpv)
-        .unwrap_or_else(|| panic!("{cpv} is not in the fixture binhost"))
+/// `binpkgfs prefetch --mount` of `served`'s mount with `args`.
+fn run_prefetch(served: &Served, args: &[&str]) -> Output {
+    Command::new(binpkgfs_bin())
+        .arg("prefetch")
+        .arg("--mount")
+        .arg(served.mount.path())
+        .args(args)
+        .output()
+        .expect("run binpkgfs prefetch")
 }
 
 fn fetched_once_whole(fetches: &[LogLine], entry: &IndexEntry) -> bool {
@@ -313,7 +255,7 @@ fn prefetch_command_fetches_named_packages_once_and_reads_then_hit_the_cache() {
     let served = Served::new(&["--no-prefetch"]);
     let libdemo = entry_for("dev-libs/libdemo-2.1");
 
-    let out = served.prefetch(&["dev-libs/libdemo"]);
+    let out = run_prefetch(&served, &["dev-libs/libdemo"]);
     assert!(
         out.status.success(),
         "prefetch failed: {}",
@@ -350,11 +292,14 @@ fn prefetch_command_fetches_named_packages_once_and_reads_then_hit_the_cache() {
         "a read after prefetch must be a cache hit"
     );
 
-    let out = served.prefetch(&[
-        "=sys-apps/demo-base-1.0",
-        "app-misc/binpkgfs-demo/binpkgfs-demo-0.3-1.gpkg.tar",
-        "dev-libs/libdemo-2.1",
-    ]);
+    let out = run_prefetch(
+        &served,
+        &[
+            "=sys-apps/demo-base-1.0",
+            "app-misc/binpkgfs-demo/binpkgfs-demo-0.3-1.gpkg.tar",
+            "dev-libs/libdemo-2.1",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("prefetched 3 packages"));
     let others = ["sys-apps/demo-base-1.0", "app-misc/binpkgfs-demo-0.3"].map(entry_for);
@@ -370,7 +315,7 @@ fn prefetch_command_fetches_named_packages_once_and_reads_then_hit_the_cache() {
     assert!(served.fetches_of(&libdemo).is_empty(), "libdemo was cached");
 
     served.nginx.clear_log();
-    let out = served.prefetch(&["dev-libs/libdemo", "dev-libs/no-such-thing"]);
+    let out = run_prefetch(&served, &["dev-libs/libdemo", "dev-libs/no-such-thing"]);
     assert!(!out.status.success(), "an unknown atom must fail");
     let stderr = text(&out.stderr);
     assert!(
@@ -404,7 +349,10 @@ fn prefetch_world_updates_fetches_newer_versions_and_builds() {
     vdb("sys-apps/demo-base-1.0", "0", Some("1")); // up to date
     vdb("app-misc/unrelated-1", "0", None); // not on the binhost
 
-    let out = served.prefetch(&["--world-updates", "--root", root.path().to_str().unwrap()]);
+    let out = run_prefetch(
+        &served,
+        &["--world-updates", "--root", root.path().to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("prefetched 2 packages"),

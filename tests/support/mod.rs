@@ -930,3 +930,67 @@ impl Drop for Mount {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// A served, mounted fixture binhost
+// ---------------------------------------------------------------------------
+
+/// A copy of the fixture binhost, served by nginx, mounted by binpkgfs.
+pub struct Served {
+    // Field order is drop order: unmount before nginx stops.
+    pub mount: Mount,
+    pub nginx: Nginx,
+    pub cache: TempDir,
+    _binhost: TempDir,
+}
+
+impl Served {
+    pub fn new(extra_args: &[&str]) -> Served {
+        require_real_parts();
+        let binhost = TempDir::new().unwrap();
+        copy_fixture_binhost(binhost.path());
+        let nginx = Nginx::start(binhost.path());
+        let cache = TempDir::new().unwrap();
+        let mount = Mount::new(&nginx.url(), cache.path(), extra_args)
+            .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
+        Served {
+            mount,
+            nginx,
+            cache,
+            _binhost: binhost,
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        fs::read_to_string(self.cache.path().join("binpkgfs.log")).unwrap_or_default()
+    }
+
+    /// GET requests nginx logged for `entry`'s file.
+    pub fn fetches_of(&self, entry: &IndexEntry) -> Vec<LogLine> {
+        let uri = format!("/{}", entry["PATH"]);
+        self.nginx
+            .requests()
+            .into_iter()
+            .filter(|line| line.uri == uri)
+            .collect()
+    }
+
+    /// nginx logs a request just after sending its last byte, which a fast client can beat:
+    /// wait (briefly) until each of `entries` shows up, or a moment if none are expected.
+    pub fn settle(&self, entries: &[&IndexEntry]) {
+        if entries.is_empty() {
+            thread::sleep(Duration::from_millis(300));
+        }
+        wait_until(Duration::from_secs(5), || {
+            entries.iter().all(|e| !self.fetches_of(e).is_empty())
+        });
+    }
+}
+
+/// The fixture binhost's index entry for `cpv`.
+pub fn entry_for(cpv: &str) -> IndexEntry {
+    fixture_packages()
+        .into_iter()
+        .find(|entry| entry["CPV"] == cpv)
+        .unwrap_or_else(|| panic!("{cpv} is not in the fixture binhost"))
+}
