@@ -327,7 +327,8 @@ impl Remote {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                if !range.starts_with(&format!("bytes {from}-{last}/")) {
+                if !matches!(parse_content_range(&range), Some((a, b, _)) if a == from && b == last + 1)
+                {
                     return Err(RemoteError::BadRange {
                         url: url.to_string(),
                         range,
