@@ -29,10 +29,11 @@ use tracing::{debug, info, warn};
 
 use crate::cache::Store;
 use crate::error::FsError;
-use crate::index::{CacheKey, Package, Verifier};
+use crate::index::{CacheKey, Package};
 use crate::remote::{Remote, RemoteError, chain};
 use crate::segment::{PartGuard, Segments};
 use crate::sparse::Sparse;
+use crate::verify::Verifier;
 use reqwest::StatusCode;
 
 /// Counters for `status`.
@@ -1074,7 +1075,7 @@ fn write_and_verify(
     mut rx: mpsc::Receiver<Bytes>,
     file: &File,
     size: u64,
-    digests: &crate::index::Digests,
+    digests: &crate::verify::Digests,
     tx: &watch::Sender<State>,
     store: &Store,
     parts: &OnceLock<Arc<Segments>>,

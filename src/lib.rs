@@ -1,0 +1,34 @@
+//! binpkgfs: a Gentoo binhost as a lazy, verified, read-only PKGDIR over FUSE.
+//!
+//! The pipeline, in order; a module uses only the ones above it:
+//!
+//! * `verify` — digests and the streaming check of a file against them;
+//! * `index` — parse `Packages` into an immutable index (PATH checks, cache keys);
+//! * `namespace` — the tree of one index: inodes and attributes;
+//! * `snapshot` — the current tree, shared; the swap at a refresh;
+//! * `remote` — transports (HTTP(S), `file://`) behind one trait, and per-server state;
+//! * `cache` — the on-disk store of verified packages and the saved index;
+//! * `fetch` — shared, verified, resumable transfers from a remote into the cache;
+//! * `lifecycle` — first index load, refresh, swap, offline fallback;
+//! * `vfs` — what an open, read or readdir means, as plain decisions;
+//! * `fs` — the FUSE adapter: translation only;
+//! * `prefetch` — fetching ahead of emerge (its merge list, or the `prefetch` command);
+//! * `config`, `daemon`, `logging`, `status`, `demo` — the process around it.
+
+pub mod cache;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod error;
+pub mod fetch;
+pub mod fs;
+pub mod index;
+pub mod lifecycle;
+pub mod logging;
+pub mod namespace;
+pub mod prefetch;
+pub mod remote;
+pub mod segment;
+pub mod sparse;
+pub mod status;
+pub mod verify;
