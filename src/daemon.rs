@@ -258,7 +258,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
             .map_err(|e| format!("pid file {}: {e}", pid_file.display()))?;
     }
     info!(
-        packages = lifecycle.ns.read().unwrap().index.packages.len(),
+        packages = lifecycle.ns.current().index.packages.len(),
         "mounted"
     );
     notify.send("ready");

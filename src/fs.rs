@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, debug_span, event, info, warn};
 use crate::error::FsError;
 use crate::fetch::{Blob, Fetcher};
 use crate::namespace::{Attr, Namespace, NodeKind};
+use crate::snapshot::Snapshot;
 
 /// How long the kernel may cache names and attributes: a quarter of the index TTL, at most a
 /// minute, so a withdrawn file disappears within 1.25 refresh intervals. A stale entry can
@@ -36,9 +37,6 @@ pub fn attr_ttl(index_ttl: Duration) -> Duration {
 }
 /// The extended attribute on the mount's root that `binpkgfs status` reads.
 pub const STATUS_XATTR: &str = "user.binpkgfs.status";
-
-/// The current snapshot; replaced whole by an index refresh.
-pub type SharedNamespace = Arc<RwLock<Arc<Namespace>>>;
 
 enum Open {
     Package {
@@ -64,7 +62,7 @@ struct Passthrough {
 }
 
 pub struct BinpkgFs {
-    ns: SharedNamespace,
+    ns: Arc<Snapshot>,
     fetcher: Arc<Fetcher>,
     rt: tokio::runtime::Handle,
     handles: Mutex<HashMap<u64, Arc<Open>>>,
@@ -78,7 +76,7 @@ pub struct BinpkgFs {
 
 impl BinpkgFs {
     pub fn new(
-        ns: SharedNamespace,
+        ns: Arc<Snapshot>,
         fetcher: Arc<Fetcher>,
         rt: tokio::runtime::Handle,
         ttl: Duration,
@@ -109,7 +107,7 @@ impl BinpkgFs {
     }
 
     fn snapshot(&self) -> Arc<Namespace> {
-        self.ns.read().unwrap().clone()
+        self.ns.current()
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, FsError> {

@@ -29,6 +29,7 @@ pub mod namespace;
 pub mod prefetch;
 pub mod remote;
 pub mod segment;
+pub mod snapshot;
 pub mod sparse;
 pub mod status;
 pub mod verify;

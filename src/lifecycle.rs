@@ -9,17 +9,18 @@
 //! it parses and its `TIMESTAMP` is not older; the new tree is built aside and swapped in whole,
 //! so a lookup sees one tree or the other, and `Packages` always matches the tree it describes.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tracing::{info, warn};
 
 use crate::cache::Store;
-use crate::fs::SharedNamespace;
+use crate::index::Validators;
 use crate::index::{Index, Rejected};
 use crate::namespace::Namespace;
-use crate::remote::{IndexFetch, Remote, Validators, chain};
+use crate::remote::{IndexFetch, Remote, chain};
+use crate::snapshot::Snapshot;
 
 /// What the last index check did, for `status`.
 #[derive(Debug, Clone)]
@@ -33,7 +34,7 @@ pub struct Lifecycle {
     pub remote: Remote,
     pub store: Arc<Store>,
     pub url: String,
-    pub ns: SharedNamespace,
+    pub ns: Arc<Snapshot>,
     pub last: Mutex<RefreshState>,
 }
 
@@ -98,7 +99,7 @@ impl Lifecycle {
                 }
             },
         };
-        let ns = Arc::new(build(index));
+        let ns = build(index);
         info!(
             url,
             packages = ns.index.packages.len(),
@@ -108,7 +109,7 @@ impl Lifecycle {
             remote,
             store,
             url,
-            ns: Arc::new(RwLock::new(ns)),
+            ns: Arc::new(Snapshot::new(ns)),
             last: Mutex::new(RefreshState {
                 at: SystemTime::now(),
                 result,
@@ -120,7 +121,7 @@ impl Lifecycle {
     /// Re-checks the index forever; run as a task.
     pub async fn run(self: Arc<Self>, ttl: Duration) {
         loop {
-            let header_ttl = self.ns.read().unwrap().index.ttl.map(Duration::from_secs);
+            let header_ttl = self.ns.current().index.ttl.map(Duration::from_secs);
             let wait = header_ttl
                 .map_or(ttl, |h| h.min(ttl))
                 .max(Duration::from_secs(1));
@@ -137,7 +138,7 @@ impl Lifecycle {
             Ok(IndexFetch::NotModified) => ("not modified".to_string(), since.unwrap_or_default()),
             Ok(IndexFetch::Fresh { raw, validators }) => match Index::parse(raw.clone()) {
                 Ok(index) => {
-                    let current = self.ns.read().unwrap().index.timestamp;
+                    let current = self.ns.current().index.timestamp;
                     if let (Some(new), Some(cur)) = (index.timestamp, current)
                         && new < cur
                     {
@@ -151,9 +152,9 @@ impl Lifecycle {
                         if let Err(e) = self.store.save_index(&self.url, &raw, &validators) {
                             warn!("could not save the index for offline use: {e}");
                         }
-                        let ns = Arc::new(build(index));
+                        let ns = build(index);
                         let packages = ns.index.packages.len();
-                        *self.ns.write().unwrap() = ns;
+                        self.ns.swap(ns);
                         info!(packages, "index refreshed");
                         ("updated".to_string(), validators)
                     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use reqwest::{StatusCode, Url, header};
 use tokio::io::AsyncReadExt;
 
-use crate::index::MAX_INDEX_BYTES;
+use crate::index::{MAX_INDEX_BYTES, Validators};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -50,13 +50,6 @@ impl RemoteError {
             _ => false,
         }
     }
-}
-
-/// Validators for a conditional index request. Stored beside the saved index.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Validators {
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
 }
 
 #[derive(Debug)]

@@ -28,7 +28,7 @@ pub fn reporter(
 ) -> Box<dyn Fn() -> String + Send + Sync> {
     let mountpoint = cfg.mountpoint.display().to_string();
     Box::new(move || {
-        let ns = lifecycle.ns.read().unwrap().clone();
+        let ns = lifecycle.ns.current();
         let last = lifecycle.last.lock().unwrap().clone();
         let usage = fetcher.store().usage();
         let s = &fetcher.stats;

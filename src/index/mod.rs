@@ -27,6 +27,14 @@ pub const MAX_INDEX_BYTES: usize = 512 << 20;
 /// Longest accepted line; real lines (USE, RDEPEND) stay well under 64 KiB.
 const MAX_LINE_BYTES: usize = 1 << 20;
 
+/// Validators for a conditional index request. What the transport
+/// saw of the index it fetched (HTTP ETag and Last-Modified, or a file's stat); saved beside it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
 /// Why a whole index was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IndexError {

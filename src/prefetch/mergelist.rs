@@ -168,7 +168,7 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
             continue;
         }
         last = Some(list.key);
-        let ns = lifecycle.ns.read().unwrap().clone();
+        let ns = lifecycle.ns.current();
         let packages = resolve(&ns, &list.entries);
         if let Some(old) = batch.take() {
             old.abort();

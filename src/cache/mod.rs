@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -25,11 +25,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use lru::LruCache;
-use sha1::{Digest as _, Sha1};
 use tracing::{debug, info, warn};
 
 use crate::index::CacheKey;
-use crate::remote::Validators;
+
+mod saved_index;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -293,62 +293,12 @@ impl Store {
     pub fn contains(&self, key: &CacheKey) -> bool {
         self.inner.lock().unwrap().lru.contains(key)
     }
-
-    fn index_dir(&self, url: &str) -> PathBuf {
-        let h = hex::encode(Sha1::digest(url.as_bytes()));
-        self.dir.join("index").join(&h[..16])
-    }
-
-    /// The last good index saved for `url`, with its validators.
-    pub fn load_index(&self, url: &str) -> io::Result<Option<(Vec<u8>, Validators)>> {
-        let dir = self.index_dir(url);
-        let raw = match fs::read(dir.join("Packages")) {
-            Ok(raw) => raw,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let meta = fs::read_to_string(dir.join("validators")).unwrap_or_default();
-        let mut v = Validators::default();
-        for line in meta.lines() {
-            match line.split_once(": ") {
-                Some(("etag", x)) => v.etag = Some(x.to_string()),
-                Some(("last-modified", x)) => v.last_modified = Some(x.to_string()),
-                _ => {}
-            }
-        }
-        Ok(Some((raw, v)))
-    }
-
-    /// Saves an index atomically: a crash leaves the old one or the new one, never a mix.
-    /// Validators are written first; stale validators beside a newer index only cost one
-    /// unconditional fetch, while the reverse could make us skip a real update.
-    pub fn save_index(&self, url: &str, raw: &[u8], v: &Validators) -> io::Result<()> {
-        let dir = self.index_dir(url);
-        fs::create_dir_all(&dir)?;
-        let _ = fs::remove_file(dir.join("validators"));
-        write_atomic(&dir.join("Packages"), raw)?;
-        let mut meta = format!("url: {url}\n");
-        if let Some(e) = &v.etag {
-            meta += &format!("etag: {e}\n");
-        }
-        if let Some(lm) = &v.last_modified {
-            meta += &format!("last-modified: {lm}\n");
-        }
-        write_atomic(&dir.join("validators"), meta.as_bytes())
-    }
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::Validators;
 
     fn key(n: u8) -> CacheKey {
         CacheKey(format!("{:040x}", n))
