@@ -25,7 +25,7 @@ use crate::config::MountConfig;
 use crate::fetch::Fetcher;
 use crate::fs::BinpkgFs;
 use crate::lifecycle::Lifecycle;
-use crate::remote::{Remote, RemoteOptions};
+use crate::remote::{self, Endpoint, RemoteOptions};
 use crate::status;
 
 /// Runs `binpkgfs mount`. `Err` is the one line to print before exiting non-zero.
@@ -40,7 +40,7 @@ pub fn mount(cfg: MountConfig) -> Result<(), String> {
 
 fn preflight(cfg: &MountConfig) -> Result<(), String> {
     // The URL first: a typo should not wait for anything else.
-    Remote::new(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?;
+    remote::connect(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?;
     let mnt = &cfg.mountpoint;
     match fs::metadata(mnt) {
         Ok(m) if m.is_dir() => {}
@@ -197,13 +197,15 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     let store = Arc::new(Store::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| e.to_string())?);
-    let remote = Remote::new(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?;
+    let endpoint = Arc::new(Endpoint::new(
+        remote::connect(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?,
+    ));
     let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
-        remote.clone(),
+        endpoint.clone(),
         store.clone(),
         cfg.url.clone(),
     ))?);
-    let fetcher = Arc::new(Fetcher::new(remote, store).with_streams(cfg.streams));
+    let fetcher = Arc::new(Fetcher::new(endpoint, store).with_streams(cfg.streams));
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
     let ttl = crate::fs::attr_ttl(cfg.index_ttl);
     let fs = BinpkgFs::new(

@@ -28,8 +28,6 @@ pub mod logging;
 pub mod namespace;
 pub mod prefetch;
 pub mod remote;
-pub mod segment;
 pub mod snapshot;
-pub mod sparse;
 pub mod status;
 pub mod verify;

@@ -19,7 +19,7 @@ use crate::cache::Store;
 use crate::index::Validators;
 use crate::index::{Index, Rejected};
 use crate::namespace::Namespace;
-use crate::remote::{IndexFetch, Remote, chain};
+use crate::remote::{Endpoint, IndexFetch};
 use crate::snapshot::Snapshot;
 
 /// What the last index check did, for `status`.
@@ -31,7 +31,7 @@ pub struct RefreshState {
 }
 
 pub struct Lifecycle {
-    pub remote: Remote,
+    pub remote: Arc<Endpoint>,
     pub store: Arc<Store>,
     pub url: String,
     pub ns: Arc<Snapshot>,
@@ -42,7 +42,7 @@ impl Lifecycle {
     /// Loads the first index: from the binhost, else from the saved copy. `Err` is the one-line
     /// reason the mount cannot start.
     pub async fn start(
-        remote: Remote,
+        remote: Arc<Endpoint>,
         store: Arc<Store>,
         url: String,
     ) -> Result<Lifecycle, String> {
@@ -57,7 +57,7 @@ impl Lifecycle {
         let since = saved_index
             .as_ref()
             .and_then(|_| saved.as_ref().map(|(_, v)| v));
-        let (index, validators, result) = match remote.fetch_index(since).await {
+        let (index, validators, result) = match remote.transport().fetch_index(since).await {
             Ok(IndexFetch::NotModified) => {
                 let v = since.cloned().unwrap_or_default();
                 (
@@ -83,7 +83,7 @@ impl Lifecycle {
             },
             Err(e) => match saved_index {
                 Some(index) => {
-                    let e = chain(&e);
+                    let e = e.message;
                     warn!("binhost unreachable ({e}); mounting from the saved index");
                     (
                         index,
@@ -94,7 +94,7 @@ impl Lifecycle {
                 None => {
                     return Err(format!(
                         "binhost unreachable and no saved index: {}",
-                        chain(&e)
+                        e.message
                     ));
                 }
             },
@@ -134,7 +134,7 @@ impl Lifecycle {
     pub async fn refresh(&self) {
         let since = self.last.lock().unwrap().validators.clone();
         let since = (since != Validators::default()).then_some(since);
-        let (result, validators) = match self.remote.fetch_index(since.as_ref()).await {
+        let (result, validators) = match self.remote.transport().fetch_index(since.as_ref()).await {
             Ok(IndexFetch::NotModified) => ("not modified".to_string(), since.unwrap_or_default()),
             Ok(IndexFetch::Fresh { raw, validators }) => match Index::parse(raw.clone()) {
                 Ok(index) => {
@@ -165,7 +165,7 @@ impl Lifecycle {
                 }
             },
             Err(e) => {
-                let e = chain(&e);
+                let e = e.message;
                 warn!("index check failed, keeping the current one: {e}");
                 (format!("failed: {e}"), since.unwrap_or_default())
             }

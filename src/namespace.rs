@@ -167,6 +167,10 @@ impl Namespace {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -299,6 +299,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::index::Validators;
+    use std::io::Write;
 
     fn key(n: u8) -> CacheKey {
         CacheKey(format!("{:040x}", n))

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::fetch::{Fetcher, write_making_room};
+use super::{Fetcher, write_making_room};
 use crate::index::Package;
 
 pub const BLOCK: u64 = 64 * 1024;

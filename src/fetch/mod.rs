@@ -1,0 +1,220 @@
+//! Shared, verified transfers: how a package's bytes get from the remote into the cache.
+//!
+//! `Fetcher::open` hands out a `Blob` for a package: a complete cache entry if there is one,
+//! otherwise a transfer that every opener of the same file shares (an install opens each package
+//! about 19 times; it must cross the network once). The transfer keeps running when all readers
+//! close, so those reopens find it.
+//!
+//! Invariants:
+//! * a read is answered as soon as the bytes it asks for are on disk, except a read that would
+//!   deliver the file's final byte: that one waits until the whole file has been checked against
+//!   SIZE and every digest in the index. A file that disagrees fails with `EIO`, so no reader can
+//!   complete a wrong file, and Portage's own digest check never sees one;
+//! * a server that sends more than SIZE, less than SIZE, or a different length in its headers is
+//!   cut off at once;
+//! * only checked files are committed to the cache; a failed transfer's partial is deleted and
+//!   the next open starts afresh.
+//!
+//! The stages, one file each: `blob` (one package as its readers see it: when a read may be
+//! answered), this module (the registry of open blobs and lingering sparse ones), `transfer`
+//! (one whole transfer and its retries), `checks` (what an answer may be, as pure functions),
+//! `split` and `segment` (parallel ranged parts), `writer` (writing, hashing, publishing), and
+//! `sparse` (ranged reads of a package nobody reads whole).
+
+mod blob;
+mod checks;
+mod segment;
+mod sparse;
+mod split;
+mod transfer;
+mod writer;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::cache::Store;
+use crate::error::FsError;
+use crate::index::{CacheKey, Package};
+use crate::remote::{Endpoint, RETRY};
+
+pub use blob::Blob;
+use blob::State;
+use sparse::Sparse;
+pub(crate) use writer::write_making_room;
+
+/// Counters for `status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// Files up to this size are fetched whole on first open: ranged reads would save little.
+const WHOLE_BELOW: u64 = 2 << 20;
+/// A sparse file is promoted to a whole transfer once readers hold its first this-many bytes
+/// without a gap. That is the pattern of Portage's digest pass and of every whole-file reader;
+/// a metadata scan reads the first header, the metadata member (a few KiB) and the tail, so it
+/// stays ranged.
+const PROMOTE_AFTER: u64 = 1 << 20;
+
+pub struct Fetcher {
+    endpoint: Arc<Endpoint>,
+    store: Arc<Store>,
+    /// Blobs with open handles or a running transfer (which holds a strong reference).
+    active: Mutex<HashMap<CacheKey, Weak<Blob>>>,
+    /// The last sparse blobs opened, kept alive after their last close: Portage opens a
+    /// package several times during one scan, and an install reopens it right after, so the
+    /// ranged blocks must outlive a single open. Bounded by `LINGER` (each holds at most about
+    /// `PROMOTE_AFTER` bytes of side file before it is promoted).
+    recent: Mutex<VecDeque<Arc<Blob>>>,
+    /// Connections one large whole transfer may use (see `segment`).
+    streams: usize,
+    pub stats: Stats,
+}
+
+/// How many sparse blobs outlive their last close (see `Fetcher::recent`).
+const LINGER: usize = 32;
+
+impl Fetcher {
+    pub fn new(endpoint: Arc<Endpoint>, store: Arc<Store>) -> Fetcher {
+        Fetcher {
+            endpoint,
+            store,
+            active: Mutex::new(HashMap::new()),
+            recent: Mutex::default(),
+            streams: 1,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Lets a large whole transfer use up to `n` connections as parallel ranges.
+    pub fn with_streams(mut self, n: usize) -> Self {
+        self.streams = n.max(1);
+        self
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// One ranged read for a sparse file, with the same breaker and retries as transfers.
+    /// `Ok(None)`: the server does not do ranges.
+    pub(crate) async fn read_range(
+        &self,
+        path: &str,
+        from: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, String> {
+        self.endpoint.check_online()?;
+        let mut attempt = 0;
+        loop {
+            match self.endpoint.transport().read_range(path, from, len).await {
+                Ok(data) => {
+                    self.endpoint.answered();
+                    if data.is_some() {
+                        self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    }
+                    return Ok(data);
+                }
+                Err(e) if e.is_offline() => return Err(self.endpoint.went_offline(&e)),
+                Err(e) => match transfer::Failure::from_transport(e) {
+                    transfer::Failure::Retry(reason) => {
+                        attempt += 1;
+                        let Some(backoff) = RETRY.backoff(attempt) else {
+                            return Err(reason);
+                        };
+                        tokio::time::sleep(backoff).await;
+                        debug!(
+                            path,
+                            "ranged read retry {attempt}/{}: {reason}", RETRY.retries
+                        );
+                    }
+                    transfer::Failure::Fatal(reason) => return Err(reason),
+                    transfer::Failure::WriterGone => return Err("writer stopped".into()),
+                },
+            }
+        }
+    }
+
+    /// Fetches `pkg` whole into the cache (or finds it there), sharing a transfer a reader may
+    /// already have started. For prefetching: `Ok` once the file is verified and readable.
+    pub async fn fetch_whole(self: &Arc<Self>, pkg: &Package) -> Result<(), FsError> {
+        let blob = self.open(pkg)?;
+        blob.wait_complete().await
+    }
+
+    /// The bytes of `pkg`: from the cache, from a blob other handles already share, or a new
+    /// one: sparse for a large file, else with its whole transfer started on the current tokio
+    /// runtime.
+    pub fn open(self: &Arc<Self>, pkg: &Package) -> Result<Arc<Blob>, FsError> {
+        let key = pkg.cache_key();
+        let mut active = self.active.lock().unwrap();
+        if let Some(blob) = active.get(&key).and_then(Weak::upgrade)
+            && !blob.failed()
+        {
+            return Ok(blob);
+        }
+        if let Some(file) = self.store.open_object(&key)? {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            let (_, state) = watch::channel(State::Complete);
+            let blob = self.blob(key, pkg, None, state, None);
+            let _ = blob.file.set(Arc::new(file));
+            return Ok(blob);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let (tx, state) = watch::channel(State::Sparse);
+        let sparse = if pkg.size > WHOLE_BELOW {
+            let (path, file) = self.store.new_partial(&key)?;
+            Some(Sparse::new(file, path))
+        } else {
+            None
+        };
+        let is_sparse = sparse.is_some();
+        let blob = self.blob(key.clone(), pkg, Some(tx), state, sparse);
+        active.retain(|_, b| b.strong_count() > 0);
+        active.insert(key, Arc::downgrade(&blob));
+        drop(active);
+        if is_sparse {
+            let mut recent = self.recent.lock().unwrap();
+            recent.push_back(blob.clone());
+            if recent.len() > LINGER {
+                recent.pop_front();
+            }
+        } else {
+            blob.promote()?;
+        }
+        Ok(blob)
+    }
+
+    fn blob(
+        self: &Arc<Self>,
+        key: CacheKey,
+        pkg: &Package,
+        tx: Option<watch::Sender<State>>,
+        state: watch::Receiver<State>,
+        sparse: Option<Sparse>,
+    ) -> Arc<Blob> {
+        self.store.pin(&key);
+        Arc::new(Blob {
+            key,
+            pkg: pkg.clone(),
+            fetcher: Arc::downgrade(self),
+            file: OnceLock::new(),
+            state,
+            tx: Mutex::new(tx),
+            sparse,
+            tail_served: AtomicBool::new(false),
+            adopted: AtomicU64::new(0),
+            needs_inval: AtomicBool::new(false),
+            last_warning: Mutex::new(None),
+            store: self.store.clone(),
+        })
+    }
+}

@@ -1,0 +1,264 @@
+//! HTTP(S) binhosts, through reqwest with rustls and the system's CA store.
+//!
+//! Status codes are classified here, not in the fetcher: 5xx and 429 are retryable, 404 and
+//! 410 say the file is not there, 416 says the server's file is shorter than asked for, any
+//! other answer is fatal. A connect failure says the binhost is offline.
+
+use bytes::Bytes;
+use reqwest::{StatusCode, Url, header};
+
+use super::{
+    Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError, Validators,
+    chain, content_range,
+};
+use crate::index::MAX_INDEX_BYTES;
+
+pub struct Http {
+    base: Url,
+    client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(mut base: Url, opts: &RemoteOptions) -> Result<Http, TransportError> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("binpkgfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.stall_timeout)
+            .redirect(reqwest::redirect::Policy::limited(8))
+            .build()
+            .map_err(|e| TransportError::fatal(format!("{base}: {}", chain(&e))))?;
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Ok(Http { base, client })
+    }
+
+    fn url(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        {
+            // path_segments_mut percent-encodes each component (`+`, `#`, `?` are legal in PATH).
+            let mut segs = url.path_segments_mut().expect("http URLs have a path");
+            segs.pop_if_empty();
+            segs.extend(path.split('/'));
+        }
+        url
+    }
+}
+
+/// A reqwest failure: offline if the connection could not be made, else retryable.
+fn request_error(url: &Url, e: &reqwest::Error) -> TransportError {
+    let kind = if e.is_connect() {
+        ErrorKind::Offline
+    } else {
+        ErrorKind::Retryable
+    };
+    TransportError::new(kind, format!("{url}: {}", chain(e)))
+}
+
+/// An answer we did not ask for.
+fn status_error(url: &Url, status: StatusCode) -> TransportError {
+    let kind = match status {
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => ErrorKind::Retryable,
+        StatusCode::NOT_FOUND | StatusCode::GONE => ErrorKind::NotFound,
+        _ => ErrorKind::Fatal,
+    };
+    let what = if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        " (the server's file is shorter than the range asked for)"
+    } else {
+        ""
+    };
+    TransportError::new(kind, format!("{url}: server answered {status}{what}"))
+}
+
+fn bad_range(url: &Url, range: &str) -> TransportError {
+    TransportError::fatal(format!(
+        "{url}: asked for a range, got Content-Range {range:?}"
+    ))
+}
+
+struct Response {
+    url: Url,
+    resp: reqwest::Response,
+}
+
+#[async_trait::async_trait]
+impl Chunks for Response {
+    async fn next(&mut self) -> Result<Option<Bytes>, TransportError> {
+        self.resp
+            .chunk()
+            .await
+            .map_err(|e| request_error(&self.url, &e))
+    }
+}
+
+fn content_range_of(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[async_trait::async_trait]
+impl Transport for Http {
+    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
+        let url = self.url("Packages");
+        let mut req = self.client.get(url.clone());
+        if let Some(v) = since {
+            if let Some(etag) = &v.etag {
+                req = req.header(header::IF_NONE_MATCH, etag);
+            }
+            if let Some(lm) = &v.last_modified {
+                req = req.header(header::IF_MODIFIED_SINCE, lm);
+            }
+        }
+        let mut resp = req.send().await.map_err(|e| request_error(&url, &e))?;
+        if resp.status() == StatusCode::NOT_MODIFIED && since.is_some() {
+            return Ok(IndexFetch::NotModified);
+        }
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&url, resp.status()));
+        }
+        let header_str = |name| {
+            resp.headers()
+                .get(name)
+                .and_then(|v: &header::HeaderValue| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let validators = Validators {
+            etag: header_str(header::ETAG),
+            last_modified: header_str(header::LAST_MODIFIED),
+        };
+        let mut raw = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| request_error(&url, &e))? {
+            if raw.len() + chunk.len() > MAX_INDEX_BYTES {
+                return Err(TransportError::fatal(format!(
+                    "{url}: index larger than {MAX_INDEX_BYTES} bytes"
+                )));
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        Ok(IndexFetch::Fresh {
+            raw: raw.into(),
+            validators,
+        })
+    }
+
+    async fn open(&self, path: &str, from: u64, to: Option<u64>) -> Result<Body, TransportError> {
+        let url = self.url(path);
+        let mut req = self.client.get(url.clone());
+        let last = to.map(|t| t.saturating_sub(1).to_string());
+        if from > 0 || last.is_some() {
+            let last = last.as_deref().unwrap_or("");
+            req = req.header(header::RANGE, format!("bytes={from}-{last}"));
+        }
+        let resp = req.send().await.map_err(|e| request_error(&url, &e))?;
+        let announced = resp.content_length();
+        match resp.status() {
+            StatusCode::OK => Ok(Body::whole(
+                Box::new(Response { url, resp }),
+                from,
+                announced,
+            )),
+            StatusCode::PARTIAL_CONTENT if from > 0 || to.is_some() => {
+                let range = content_range_of(&resp);
+                // It must start where we asked; it may end elsewhere (a server that caps
+                // ranges): the caller decides what to do with that.
+                match content_range::parse(&range) {
+                    Some((start, end, total)) if start == from => Ok(Body::range(
+                        Box::new(Response { url, resp }),
+                        end,
+                        total,
+                        announced,
+                    )),
+                    _ => Err(bad_range(&url, &range)),
+                }
+            }
+            status => Err(status_error(&url, status)),
+        }
+    }
+
+    async fn read_range(
+        &self,
+        path: &str,
+        from: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, TransportError> {
+        let url = self.url(path);
+        let last = from + len - 1;
+        let mut resp = self
+            .client
+            .get(url.clone())
+            .header(header::RANGE, format!("bytes={from}-{last}"))
+            .send()
+            .await
+            .map_err(|e| request_error(&url, &e))?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => return Ok(None),
+            status => return Err(status_error(&url, status)),
+        }
+        let range = content_range_of(&resp);
+        if !matches!(content_range::parse(&range), Some((a, b, _)) if a == from && b == last + 1) {
+            return Err(bad_range(&url, &range));
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        while let Some(chunk) = resp.chunk().await.map_err(|e| request_error(&url, &e))? {
+            if out.len() + chunk.len() > len as usize {
+                return Err(bad_range(
+                    &url,
+                    &format!("{range} (body longer than the range)"),
+                ));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        if out.len() as u64 != len {
+            return Err(bad_range(
+                &url,
+                &format!("{range} (body of {} bytes)", out.len()),
+            ));
+        }
+        Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn package_urls_are_joined_and_escaped() {
+        let opts = RemoteOptions {
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+        };
+        let h = Http::new(Url::parse("https://h/amd64").unwrap(), &opts).unwrap();
+        assert_eq!(
+            h.url("dev-libs/libsigc++/libsigc++-2-1.gpkg.tar").as_str(),
+            "https://h/amd64/dev-libs/libsigc++/libsigc++-2-1.gpkg.tar"
+        );
+        assert_eq!(
+            h.url("a/b#c?d.tbz2").as_str(),
+            "https://h/amd64/a/b%23c%3Fd.tbz2"
+        );
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let url = Url::parse("http://h/x").unwrap();
+        let kind = |s: u16| status_error(&url, StatusCode::from_u16(s).unwrap()).kind;
+        assert_eq!(kind(500), ErrorKind::Retryable);
+        assert_eq!(kind(503), ErrorKind::Retryable);
+        assert_eq!(kind(429), ErrorKind::Retryable);
+        assert_eq!(kind(404), ErrorKind::NotFound);
+        assert_eq!(kind(410), ErrorKind::NotFound);
+        assert_eq!(kind(403), ErrorKind::Fatal);
+        assert_eq!(kind(416), ErrorKind::Fatal);
+        assert!(
+            status_error(&url, StatusCode::RANGE_NOT_SATISFIABLE)
+                .message
+                .contains("shorter")
+        );
+    }
+}
