@@ -203,9 +203,15 @@ fn rewrite_entry(binhost: &Path, path: &str, bytes: &[u8]) {
 /// future: nginx's ETag is mtime-size, and a same-size rewrite within one second would
 /// rightly be answered 304.
 fn publish_index(binhost: &Path, text: &str) {
+    publish_index_ahead(binhost, text, 5);
+}
+
+/// [`publish_index`] with the file's mtime `secs` seconds ahead, so that indexes published
+/// within one second of each other still carry increasing mtimes.
+fn publish_index_ahead(binhost: &Path, text: &str, secs: u64) {
     let tmp = binhost.join("Packages.new");
     fs::write(&tmp, text).unwrap();
-    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    let later = std::time::SystemTime::now() + Duration::from_secs(secs);
     fs::File::options()
         .write(true)
         .open(&tmp)
@@ -761,5 +767,126 @@ both_modes! {
             "older index replaced ours"
         );
         assert!(fs::read(mount.path().join("Packages")).unwrap() == text.as_bytes());
+    }
+}
+
+/// Publishes the binhost's index again with TIMESTAMP `ts` (same entries: a no-op release, as a
+/// binhost that re-ran `emaint binhost` makes) and returns its text.
+fn republish_with_timestamp(binhost: &Path, ts: u64, secs_ahead: u64) -> String {
+    let text = fs::read_to_string(binhost.join("Packages")).unwrap();
+    let (mut header, entries) = support::parse_packages(&text);
+    header.insert("TIMESTAMP".into(), ts.to_string());
+    let out = render_index(&header, &entries);
+    publish_index_ahead(binhost, &out, secs_ahead);
+    out
+}
+
+/// Waits (failing the test) until the mount serves `want` as its `Packages`; every read while
+/// waiting must succeed.
+fn wait_for_served_index(mount: &Mount, want: &str) {
+    let served = mount.path().join("Packages");
+    let fresh = support::wait_until(Duration::from_secs(15), || {
+        let read = fs::read(&served);
+        read.unwrap_or_else(|err| panic!("reading Packages during a refresh: {err}"))
+            == want.as_bytes()
+    });
+    assert!(fresh, "the mount did not serve the new index within 15 s");
+}
+
+both_modes! {
+    /// Issue 11.2: a file opened before an index refresh stays a file: `fstat` on the open
+    /// handle answers (as `cat` asks) and the reader reads it to the end, for a package and for
+    /// `Packages` itself.
+    #[ignore = "issue 11.2: fails until fixed"]
+    fn a_file_opened_before_a_refresh_reads_to_the_end_and_fstat_answers(mode) {
+        let (binhost, nginx, cache) = setup();
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), &["--index-ttl", "1"]).unwrap();
+        let e = &fixture_packages()[0];
+        let want = fs::read(binhost.path().join(&e["PATH"])).unwrap();
+        let old_index = fs::read(mount.path().join("Packages")).unwrap();
+        let package = fs::File::open(mount.path().join(&e["PATH"])).unwrap();
+        let index = fs::File::open(mount.path().join("Packages")).unwrap();
+
+        let text = fs::read_to_string(binhost.path().join("Packages")).unwrap();
+        let ts: u64 = support::parse_packages(&text).0["TIMESTAMP"].parse().unwrap();
+        let new = republish_with_timestamp(binhost.path(), ts + 60, 5);
+        wait_for_served_index(&mount, &new);
+
+        for (name, file, len) in [
+            ("the package", &package, want.len()),
+            ("Packages", &index, old_index.len()),
+        ] {
+            let meta = file
+                .metadata()
+                .unwrap_or_else(|err| panic!("fstat of {name} opened before the refresh: {err}"));
+            assert_eq!(meta.len(), len as u64, "fstat of {name}");
+        }
+        // `cat` of the open package: it fstats its input, then reads it to the end.
+        let out = Command::new("cat")
+            .stdin(package.try_clone().unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cat of a file opened before the refresh: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        assert!(out.stdout == want, "cat read other bytes");
+        let mut rest = Vec::new();
+        (&index).read_to_end(&mut rest).unwrap();
+        assert!(rest == old_index, "the open Packages changed under its reader");
+    }
+}
+
+both_modes! {
+    /// Issue 11.2: `Packages` read 20 times a second across 10 refreshes never fails: every
+    /// error counts.
+    #[ignore = "issue 11.2: fails until fixed"]
+    fn packages_read_20_times_a_second_across_10_refreshes_never_fails(mode) {
+        let (binhost, nginx, cache) = setup();
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), &["--index-ttl", "1"]).unwrap();
+        let served = mount.path().join("Packages");
+        let text = fs::read_to_string(binhost.path().join("Packages")).unwrap();
+        let ts: u64 = support::parse_packages(&text).0["TIMESTAMP"].parse().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (reads, errors) = std::thread::scope(|s| {
+            // Stops the reader however the refreshes end (a panic too), or the scope never ends.
+            let stopper = StopOnDrop(&stop);
+            let reader = s.spawn(|| {
+                let (mut reads, mut errors) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let started = Instant::now();
+                    match fs::read(&served) {
+                        Ok(bytes) if !bytes.is_empty() => {}
+                        Ok(_) => errors.push("an empty Packages".to_string()),
+                        Err(err) => errors.push(err.to_string()),
+                    }
+                    reads += 1;
+                    std::thread::sleep(Duration::from_millis(50).saturating_sub(started.elapsed()));
+                }
+                (reads, errors)
+            });
+            for i in 1..=10 {
+                let new = republish_with_timestamp(binhost.path(), ts + 60 * i, 5 + i);
+                wait_for_served_index(&mount, &new);
+            }
+            drop(stopper);
+            reader.join().unwrap()
+        });
+        assert!(reads >= 20, "only {reads} reads");
+        assert!(
+            errors.is_empty(),
+            "{} of {reads} reads of Packages failed across 10 refreshes: {errors:?}",
+            errors.len()
+        );
+    }
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
