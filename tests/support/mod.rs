@@ -165,6 +165,27 @@ pub fn copy_fixture_binhost(dst: &Path) {
     }
 }
 
+/// Copies the binhost at `src` to `dst` as a plain local PKGDIR: every package file present
+/// gets the mtime its index entry records; entries without a file stay absent.
+pub fn copy_binhost(src: &Path, dst: &Path) {
+    copy_tree(src, dst).expect("copy the binhost");
+    let text = fs::read_to_string(dst.join("Packages")).expect("read the copy's Packages");
+    for entry in parse_packages(&text).1 {
+        let (Some(rel), Some(mtime)) = (entry.get("PATH"), entry.get("MTIME")) else {
+            continue;
+        };
+        let mtime: u64 = mtime.parse().expect("numeric MTIME");
+        let path = dst.join(rel);
+        if path.is_file() {
+            File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)))
+                .unwrap_or_else(|err| panic!("set mtime of {}: {err}", path.display()));
+        }
+    }
+}
+
 /// Recursively copies the directory `src` into `dst` (files and directories only).
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     fs::create_dir_all(dst)?;
@@ -779,6 +800,41 @@ FEATURES="-sandbox -usersandbox -userpriv -userfetch -ipc-sandbox -network-sandb
         installed.sort();
         installed
     }
+}
+
+/// Writes into `dir` an ebuild repository with no ebuilds, just enough for Portage to resolve
+/// binary packages of a real amd64 binhost whose index is `packages`: every category the index
+/// names, a profile accepting `amd64 ~amd64`. Returns `dir`.
+pub fn binary_only_repo(dir: &Path, packages: &str) -> PathBuf {
+    let categories: Vec<String> = parse_packages(packages)
+        .1
+        .iter()
+        .filter_map(|e| Some(e.get("CPV")?.split('/').next()?.to_owned()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let files = [
+        ("profiles/repo_name", "binpkgfs-test\n".to_owned()),
+        ("profiles/arch.list", "amd64\n".to_owned()),
+        ("profiles/categories", categories.join("\n") + "\n"),
+        ("profiles/default/eapi", "8\n".to_owned()),
+        (
+            "profiles/default/make.defaults",
+            "ARCH=\"amd64\"\nACCEPT_KEYWORDS=\"amd64 ~amd64\"\nELIBC=\"glibc\"\n\
+             KERNEL=\"linux\"\nUSERLAND=\"GNU\"\nCHOST=\"x86_64-pc-linux-gnu\"\n"
+                .to_owned(),
+        ),
+        (
+            "metadata/layout.conf",
+            "masters =\nthin-manifests = true\ncache-formats =\n".to_owned(),
+        ),
+    ];
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().expect("has a parent")).expect("create repo dirs");
+        fs::write(&path, text).expect("write repo file");
+    }
+    dir.to_owned()
 }
 
 fn host_path() -> String {
