@@ -197,9 +197,10 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     let store = Arc::new(Store::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| e.to_string())?);
-    let endpoint = Arc::new(Endpoint::new(
-        remote::connect(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?,
-    ));
+    let endpoint = Arc::new(
+        Endpoint::new(remote::connect(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?)
+            .with_options(remote_options(cfg)),
+    );
     let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
         endpoint.clone(),
         store.clone(),

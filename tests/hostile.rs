@@ -209,8 +209,11 @@ fn serve(
         range.and_then(|r| r.1)
     ));
 
+    // The index is the one the test set, published as `Packages` only.
     let body = if uri == "/Packages" {
         index
+    } else if uri == "/Packages.gz" {
+        return respond(&mut conn, "404 Not Found", &[], b"");
     } else {
         match fs::read(root.join(uri.trim_start_matches('/'))) {
             Ok(b) => b,

@@ -152,8 +152,11 @@ pub fn fixture_packages() -> Vec<IndexEntry> {
 /// every package file the mtime its index entry records. Git does not keep
 /// mtimes, so a fresh checkout would otherwise disagree with `MTIME`, unlike a
 /// real binhost.
+/// The copy publishes `Packages` only (its `Packages.gz` is removed), so a test that rewrites
+/// `Packages` publishes the whole index; `tests/sources.rs` covers `Packages.gz`.
 pub fn copy_fixture_binhost(dst: &Path) {
     copy_tree(&fixture_binhost(), dst).expect("copy the fixture binhost");
+    let _ = fs::remove_file(dst.join("Packages.gz"));
     for entry in fixture_packages() {
         let path = dst.join(&entry["PATH"]);
         let mtime: u64 = entry["MTIME"].parse().expect("numeric MTIME");
