@@ -374,3 +374,16 @@ impl Failure {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_classified_by_the_transport_kind() {
+        let f = |kind| Failure::from_transport(TransportError::new(kind, "x"));
+        assert!(matches!(f(ErrorKind::Retryable), Failure::Retry(_)));
+        assert!(matches!(f(ErrorKind::Offline), Failure::Retry(_)));
+        assert!(matches!(f(ErrorKind::Fatal), Failure::Fatal(_)));
+    }
+}
