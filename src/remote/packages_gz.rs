@@ -60,14 +60,18 @@ where
 
 /// Decompresses a gzip index, refusing one that would exceed `MAX_INDEX_BYTES`.
 pub fn gunzip(raw: &[u8]) -> Result<Bytes, TransportError> {
+    gunzip_bounded(raw, MAX_INDEX_BYTES)
+}
+
+fn gunzip_bounded(raw: &[u8], limit: usize) -> Result<Bytes, TransportError> {
     let mut out = Vec::new();
     flate2::read::MultiGzDecoder::new(raw)
-        .take(MAX_INDEX_BYTES as u64 + 1)
+        .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| TransportError::fatal(format!("{COMPRESSED} does not decompress: {e}")))?;
-    if out.len() > MAX_INDEX_BYTES {
+    if out.len() > limit {
         return Err(TransportError::fatal(format!(
-            "{COMPRESSED} decompresses to more than {MAX_INDEX_BYTES} bytes"
+            "{COMPRESSED} decompresses to more than {limit} bytes"
         )));
     }
     Ok(out.into())
@@ -180,14 +184,16 @@ mod tests {
         });
         assert_eq!(r.err().unwrap().kind, ErrorKind::Offline);
         assert_eq!(asked.len(), 1);
-        // 600 MiB of zeros compress to about 600 KiB.
+        // 64 MiB of zeros compress to about 64 KiB; the bound is what stops them.
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         let zeros = vec![0u8; 1 << 20];
-        for _ in 0..600 {
+        for _ in 0..64 {
             e.write_all(&zeros).unwrap();
         }
         let bomb = e.finish().unwrap();
-        let err = gunzip(&bomb).unwrap_err();
-        assert!(err.message.contains("more than"), "{err}");
+        assert!(bomb.len() < 1 << 20);
+        let err = gunzip_bounded(&bomb, 16 << 20).unwrap_err();
+        assert!(err.message.contains("more than 16777216 bytes"), "{err}");
+        assert_eq!(gunzip_bounded(&bomb, 64 << 20).unwrap().len(), 64 << 20);
     }
 }
