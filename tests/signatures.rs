@@ -54,15 +54,25 @@ impl Key {
         Key { home, fingerprint }
     }
 
-    /// The public key, ASCII-armored.
-    fn public(&self) -> Vec<u8> {
-        run_ok(gpg(self.home.path()).args(["--armor", "--export", &self.fingerprint])).stdout
+    /// The public half, ASCII-armored.
+    fn public(&self) -> PublicKey {
+        PublicKey {
+            fingerprint: self.fingerprint.clone(),
+            armored: run_ok(gpg(self.home.path()).args(["--armor", "--export", &self.fingerprint]))
+                .stdout,
+        }
     }
+}
+
+/// A public key as a binhost publishes it.
+struct PublicKey {
+    fingerprint: String,
+    armored: Vec<u8>,
 }
 
 impl Drop for Key {
     fn drop(&mut self) {
-        // Signing started a gpg-agent for this home; stop it.
+        // Making and using the key started a gpg-agent for this home; stop it.
         let _ = Command::new("gpgconf")
             .arg("--homedir")
             .arg(self.home.path())
@@ -77,10 +87,11 @@ fn gpg(home: &Path) -> Command {
     cmd
 }
 
-/// The signing key and the signed binhost Portage built with it, once per test binary.
+/// The signed binhost Portage built, and the public half of the key it was signed with, once
+/// per test binary. The secret key (and its gpg-agent) is gone once the packages are built.
 struct Signed {
-    key: Key,
-    binhost: TempDir,
+    key: PublicKey,
+    binhost: PathBuf,
 }
 
 fn signed() -> &'static Signed {
@@ -88,14 +99,17 @@ fn signed() -> &'static Signed {
     SIGNED.get_or_init(|| {
         support::require_real_parts();
         let key = Key::new("binpkgfs test signer <signer@binpkgfs.invalid>");
-        let binhost = TempDir::with_prefix("binpkgfs-signed.").unwrap();
+        // A static is never dropped, so the binhost lives at a fixed place in Cargo's scratch
+        // directory, replaced by each run, rather than in a temporary directory left behind.
+        let binhost = Path::new(env!("CARGO_TARGET_TMPDIR")).join("signed-binhost");
+        let _ = fs::remove_dir_all(&binhost);
         // A builder prefix of our own: the default one is shared with other test binaries.
         let builder = TempDir::with_prefix("binpkgfs-sign-builder.").unwrap();
         let prefix = builder.path().join("prefix");
         run_ok(
             Command::new("bash")
                 .arg(support::crate_root().join("tests/fixtures/make-binhost.sh"))
-                .arg(binhost.path())
+                .arg(&binhost)
                 .arg("sys-apps/demo-base")
                 .env("BINPKGFS_BUILDER_PREFIX", &prefix)
                 .env("BINPKGFS_SIGNING_GPG_HOME", key.home.path())
@@ -103,7 +117,7 @@ fn signed() -> &'static Signed {
         );
         // The package really is signed: detached signatures of both tarballs, and a
         // clear-signed Manifest.
-        let pkg = binhost.path().join(PKG);
+        let pkg = binhost.join(PKG);
         let members = String::from_utf8(run_ok(Command::new("tar").arg("tf").arg(&pkg)).stdout)
             .expect("tar lists UTF-8 names");
         for member in ["metadata.tar.zst.sig", "image.tar.zst.sig"] {
@@ -125,7 +139,10 @@ fn signed() -> &'static Signed {
             manifest.starts_with(b"-----BEGIN PGP SIGNED MESSAGE-----"),
             "{PKG}'s Manifest is not clear-signed"
         );
-        Signed { key, binhost }
+        Signed {
+            key: key.public(),
+            binhost,
+        }
     })
 }
 
@@ -139,12 +156,12 @@ enum Trust {
 }
 
 /// A verify keyring (`BINPKG_GPG_VERIFY_GPG_HOME`) holding `keys`, readable by `nobody`.
-fn keyring(keys: &[&Key], trust: Trust) -> TempDir {
+fn keyring(keys: &[&PublicKey], trust: Trust) -> TempDir {
     let dir = TempDir::with_prefix("binpkgfs-verify.").unwrap();
     let home = dir.path();
     for key in keys {
         let public = home.join(format!("{}.asc", key.fingerprint));
-        fs::write(&public, key.public()).unwrap();
+        fs::write(&public, &key.armored).unwrap();
         run_ok(gpg(home).arg("--import").arg(&public));
         fs::remove_file(&public).unwrap();
         if let Trust::Ultimate = trust {
@@ -233,7 +250,7 @@ struct SignedMount {
 
 fn mount_signed(mode: support::Mode) -> SignedMount {
     let signed = signed();
-    let nginx = Nginx::start(signed.binhost.path());
+    let nginx = Nginx::start(&signed.binhost);
     let cache = TempDir::new().unwrap();
     let mount = Mount::new(mode, &nginx.url(), cache.path(), &[])
         .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
@@ -262,7 +279,7 @@ both_modes! {
         assert_eq!(sandbox.installed(), [CPF]);
         assert!(
             fs::read(mounted_pkg(&served.mount)).unwrap()
-                == fs::read(signed.binhost.path().join(PKG)).unwrap(),
+                == fs::read(signed.binhost.join(PKG)).unwrap(),
             "the mount's {PKG} differs from the binhost's"
         );
     }
@@ -276,7 +293,7 @@ both_modes! {
         let served = mount_signed(mode);
 
         let other = Key::new("binpkgfs test stranger <stranger@binpkgfs.invalid>");
-        let keys = keyring(&[&other], Trust::Ultimate);
+        let keys = keyring(&[&other.public()], Trust::Ultimate);
         let sandbox = requiring_sandbox(served.mount.path(), keys.path());
         let output = install(&sandbox);
         assert_refused(&sandbox, &output, "signed with at least one unknown key");
@@ -297,6 +314,6 @@ both_modes! {
         let keys = keyring(&[&signed.key], Trust::Ultimate);
         let sandbox = requiring_sandbox(served.mount.path(), keys.path());
         let output = install(&sandbox);
-        assert_refused(&sandbox, &output, "signature");
+        assert_refused(&sandbox, &output, "binpkg appears unsigned (missing any signature)");
     }
 }
