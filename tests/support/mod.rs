@@ -90,6 +90,12 @@ pub fn require_real_parts() {
             missing.push(format!("`{tool}` on PATH"));
         }
     }
+    // Portage signs and verifies with /usr/bin/gpg (make.globals), signing under /usr/bin/flock.
+    for tool in ["/usr/bin/gpg", "/usr/bin/gpgconf", "/usr/bin/flock"] {
+        if !Path::new(tool).is_file() {
+            missing.push(format!("{tool} (Debian: gnupg, util-linux)"));
+        }
+    }
     let emerge = portage_venv().join("bin/emerge");
     if !emerge.is_file() {
         missing.push(format!(
