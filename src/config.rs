@@ -5,6 +5,7 @@
 //! (`ro`, `_netdev`, `noauto`, ...) are accepted and ignored where they do not concern us, and
 //! `rw` is refused: this filesystem is read-only by design.
 
+use crate::verify::VerifyMode;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -137,6 +138,10 @@ pub struct MountArgs {
     /// does ranges; 1 fetches each package as one stream [default: 4].
     #[arg(long)]
     pub streams: Option<String>,
+    /// Which digests a download is checked against: `strongest` (the strongest the index
+    /// carries: BLAKE2B, SHA512, SHA1, then MD5) or `all` [default: strongest].
+    #[arg(long)]
+    pub verify: Option<String>,
     /// ssh://: private key to use (`ssh -i`, with IdentitiesOnly).
     #[arg(long)]
     pub ssh_identity: Option<PathBuf>,
@@ -154,9 +159,9 @@ pub struct MountArgs {
     #[arg(long)]
     pub ssh_accept_new: bool,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, streams=, ssh_identity=, ssh_known_hosts=, ssh_config=,
-    /// ssh_option=KEY=VALUE, ssh_accept_new, noprefetch, nopassthrough, allow_other, and the
-    /// usual mount words.
+    /// stall_timeout=, mtimedb=, streams=, verify=, ssh_identity=, ssh_known_hosts=,
+    /// ssh_config=, ssh_option=KEY=VALUE, ssh_accept_new, noprefetch, nopassthrough,
+    /// allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
     /// Internal: report readiness on stdout (used by the detaching parent).
@@ -189,6 +194,8 @@ pub struct MountConfig {
     pub streams: usize,
     /// For ssh:// binhosts.
     pub ssh: SshOptions,
+    /// Which digests a download is checked against.
+    pub verify: VerifyMode,
 }
 
 /// Mount words that are someone else's business (mount(8), netmount, systemd) or already true.
@@ -232,6 +239,7 @@ impl MountConfig {
         let mut pid_file = None;
         let mut stall = None;
         let mut streams = None;
+        let mut verify = None;
         let mut allow_other = None;
         let mut mtimedb = None;
         let mut no_prefetch = a.no_prefetch;
@@ -257,6 +265,7 @@ impl MountConfig {
                 Some(("ssh_config", v)) => ssh_config = Some(PathBuf::from(v)),
                 Some(("ssh_option", v)) => ssh_options.push(v.to_string()),
                 None if opt == "ssh_accept_new" => ssh_accept_new = true,
+                Some(("verify", v)) => verify = Some(v.to_string()),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
@@ -294,6 +303,11 @@ impl MountConfig {
                 Ok(n @ 1..=MAX_STREAMS) => n,
                 _ => return Err(format!("streams {s:?}: expected 1 to {MAX_STREAMS}")),
             },
+        };
+        let verify = match a.verify.or(verify).as_deref().map(str::trim) {
+            None | Some("strongest") => VerifyMode::Strongest,
+            Some("all") => VerifyMode::All,
+            Some(v) => return Err(format!("verify {v:?}: expected `strongest` or `all`")),
         };
         let log_level = a.log_level.or(log_level).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
@@ -339,6 +353,7 @@ impl MountConfig {
             passthrough,
             streams,
             ssh,
+            verify,
         })
     }
 }
@@ -445,6 +460,29 @@ mod tests {
         let c = cfg(&["http://h/x", "/mnt"]).unwrap();
         assert_eq!(c.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
         assert_eq!(c.cache_size, DEFAULT_CACHE_SIZE);
+    }
+
+    #[test]
+    fn verify_mode_defaults_to_the_strongest_digest() {
+        use crate::verify::VerifyMode;
+        assert_eq!(
+            cfg(&["http://h/x", "/mnt"]).unwrap().verify,
+            VerifyMode::Strongest
+        );
+        assert_eq!(
+            cfg(&["-o", "verify=all", "http://h/x", "/mnt"])
+                .unwrap()
+                .verify,
+            VerifyMode::All
+        );
+        assert_eq!(
+            cfg(&["--verify", "all", "http://h/x", "/mnt"])
+                .unwrap()
+                .verify,
+            VerifyMode::All
+        );
+        let e = cfg(&["-o", "verify=md5", "http://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("verify"), "{e}");
     }
 
     #[test]

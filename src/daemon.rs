@@ -206,7 +206,11 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         store.clone(),
         cfg.url.clone(),
     ))?);
-    let fetcher = Arc::new(Fetcher::new(endpoint, store).with_streams(cfg.streams));
+    let fetcher = Arc::new(
+        Fetcher::new(endpoint, store)
+            .with_streams(cfg.streams)
+            .with_verify(cfg.verify),
+    );
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
     let ttl = crate::fs::attr_ttl(cfg.index_ttl);
     let fs = BinpkgFs::new(

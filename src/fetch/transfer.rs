@@ -112,7 +112,7 @@ impl Fetcher {
         let writer = {
             let (size, digests, tx, store) = (
                 pkg.size,
-                pkg.digests.clone(),
+                pkg.digests.for_mode(self.verify),
                 tx.clone(),
                 self.store.clone(),
             );
