@@ -213,6 +213,16 @@ pub fn connect(url: &str, opts: &RemoteOptions) -> Result<Box<dyn Transport>, Tr
     }
 }
 
+/// The transport a URL is served by, for `status`: `http`, `ssh`, `file` (or `?`).
+pub fn transport_name(url: &str) -> &'static str {
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("http" | "https") => "http",
+        Some("ssh") => "ssh",
+        Some("file") => "file",
+        _ => "?",
+    }
+}
+
 /// How often and how patiently a failed request is tried again: one policy for whole
 /// transfers, parts and ranged reads. At most 0.5 + 1 + 2 s of waiting.
 #[derive(Debug, Clone, Copy)]

@@ -751,8 +751,18 @@ impl Transport for Ssh {
             what: format!("read {full}"),
             stream: Box::pin(pipelined(file, from, end)),
         };
-        // Like a server's Content-Length: the fetcher checks it against SIZE at once.
-        Ok(Body::whole(Box::new(reader), 0, Some(end - from)))
+        // What a server says in Content-Length (and Content-Range for a resumed or bounded
+        // read): the fetcher checks it against SIZE before any byte is kept.
+        if from > 0 || to.is_some() {
+            Ok(Body::range(
+                Box::new(reader),
+                end,
+                Some(size),
+                Some(end - from),
+            ))
+        } else {
+            Ok(Body::whole(Box::new(reader), 0, Some(size)))
+        }
     }
 
     async fn read_range(
