@@ -554,6 +554,38 @@ mod tests {
     }
 
     #[test]
+    fn ssh_options_in_both_forms() {
+        let url = "ssh://binhost@h/var/cache/binpkgs";
+        let c = cfg(&[
+            "-o",
+            "ro,_netdev,ssh_identity=/etc/binpkgfs/id,ssh_known_hosts=/etc/binpkgfs/kh",
+            "-o",
+            "ssh_option=ProxyJump=bastion,ssh_accept_new",
+            "--ssh-option",
+            "Ciphers aes128-gcm@openssh.com",
+            url,
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(c.ssh.identity, Some(PathBuf::from("/etc/binpkgfs/id")));
+        assert_eq!(c.ssh.known_hosts, Some(PathBuf::from("/etc/binpkgfs/kh")));
+        assert_eq!(c.ssh.options.len(), 2);
+        assert!(c.ssh.accept_new);
+        assert_eq!(c.ssh.config, None);
+        // One control directory per mount point, under /run/binpkgfs.
+        let d = cfg(&[url, "/mnt2"]).unwrap().ssh.control_dir;
+        assert!(
+            d.to_string_lossy().starts_with("/run/binpkgfs/ssh-"),
+            "{}",
+            d.display()
+        );
+        assert_ne!(d, c.ssh.control_dir);
+        assert!(!cfg(&[url, "/mnt2"]).unwrap().ssh.accept_new);
+        let e = cfg(&["-o", "ssh_option=Bad\nHost", url, "/mnt"]).unwrap_err();
+        assert!(e.contains("ssh option"), "{e}");
+    }
+
+    #[test]
     fn relative_paths_become_absolute() {
         let c = cfg(&["--cache-dir", "rel", "http://h/x", "mnt"]).unwrap();
         assert!(c.cache_dir.is_absolute() && c.mountpoint.is_absolute());

@@ -428,7 +428,13 @@ impl Shared {
         if dead {
             self.invalidate(conn.generation).await;
         }
-        TransportError::new(kind, format!("{}: {what}: {}", self.name, super::chain(&e)))
+        let why = match &e {
+            SftpError::SftpError(SftpErrorKind::NoSuchFile, _) => "no such file".to_string(),
+            SftpError::SftpError(SftpErrorKind::PermDenied, _) => "permission denied".to_string(),
+            SftpError::SftpError(k, _) => format!("the SFTP server answered {k:?}"),
+            _ => format!("connection lost ({})", super::chain(&e)),
+        };
+        TransportError::new(kind, format!("{}: {what}: {why}", self.name))
     }
 
     /// Runs one SFTP operation under the stall timeout.
@@ -562,7 +568,11 @@ fn stop_masters(dir: &Path) {
 
 /// Classifies a failed master start by what ssh logged.
 fn connect_error(name: &str, e: &openssh::Error) -> TransportError {
-    let text = super::chain(e);
+    // The ssh log is the source of Connect/Master; the crate's own words add nothing.
+    let text = match e {
+        openssh::Error::Connect(io) | openssh::Error::Master(io) => io.to_string(),
+        other => super::chain(other),
+    };
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
