@@ -581,7 +581,7 @@ mod tests {
         );
         assert_ne!(d, c.ssh.control_dir);
         assert!(!cfg(&[url, "/mnt2"]).unwrap().ssh.accept_new);
-        let e = cfg(&["-o", "ssh_option=Bad\nHost", url, "/mnt"]).unwrap_err();
+        let e = cfg(&["-o", "ssh_option=Key=a\nHost *", url, "/mnt"]).unwrap_err();
         assert!(e.contains("ssh option"), "{e}");
     }
 
