@@ -298,37 +298,31 @@ both_modes! {
         let cache = TempDir::new().unwrap();
         let mut m = mount(mode, &sshd, binhost.path(), cache.path(), &[]);
         read_all_packages(m.path(), binhost.path());
-        assert!(!sshd.client_pids().is_empty(), "no ssh master while mounted");
-        let dirs_before = control_dirs();
+        let sockets = sshd.control_sockets();
+        assert_eq!(sockets.len(), 1, "one ssh master while mounted: {sockets:?}");
+        // /run/binpkgfs/ssh-<mount>/.ssh-connectionXXXX/master
+        let control_dir = sockets[0].parent().and_then(Path::parent).unwrap().to_path_buf();
+        assert!(control_dir.starts_with("/run/binpkgfs"), "{}", control_dir.display());
         m.unmount().unwrap();
-        no_master_within(&sshd, Duration::from_secs(10), "after umount");
-        assert!(
-            wait_until(Duration::from_secs(5), || control_dirs().len() < dirs_before.len()),
-            "control directory left in /run/binpkgfs: {:?}",
-            control_dirs()
-        );
+        // Well before ControlPersist (10 s) could end it: the daemon tells it to exit.
+        no_master_within(&sshd, Duration::from_secs(5), "after umount");
+        assert!(!control_dir.exists(), "{} left behind", control_dir.display());
 
         let cache = TempDir::new().unwrap();
         let mut m = mount(mode, &sshd, binhost.path(), cache.path(), &[]);
         read_all_packages(m.path(), binhost.path());
-        assert!(!sshd.client_pids().is_empty());
+        let sockets = sshd.control_sockets();
+        assert_eq!(sockets.len(), 1, "{sockets:?}");
         // SAFETY: kill(2) on the daemon this test started.
         unsafe { libc::kill(m.pid(), libc::SIGKILL) };
         m.wait_for_exit(Duration::from_secs(10)).unwrap();
         let _ = Command::new("umount").arg("-l").arg(m.path()).status();
         assert!(!is_mounted(m.path()));
         no_master_within(&sshd, MASTER_GONE, "after SIGKILL of the daemon");
+        // The next mount of the same mount point would clean it; this one's is random.
+        let control_dir = sockets[0].parent().and_then(Path::parent).unwrap();
+        let _ = fs::remove_dir_all(control_dir);
     }
-}
-
-/// Per-mount control directories in /run/binpkgfs.
-fn control_dirs() -> Vec<PathBuf> {
-    fs::read_dir("/run/binpkgfs")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect()
 }
 
 /// Whether a binpkgfs daemon runs with `cache` as its cache directory.

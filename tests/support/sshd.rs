@@ -209,6 +209,21 @@ impl Sshd {
 
     /// Running ssh client processes that use this fixture's keys (ControlMasters).
     pub fn client_pids(&self) -> Vec<i32> {
+        self.clients().into_iter().map(|(pid, _)| pid).collect()
+    }
+
+    /// The control sockets (`-S`) of the running ssh clients that use this fixture's keys.
+    pub fn control_sockets(&self) -> Vec<PathBuf> {
+        self.clients()
+            .into_iter()
+            .filter_map(|(_, args)| {
+                let i = args.iter().position(|a| a == "-S")?;
+                args.get(i + 1).map(PathBuf::from)
+            })
+            .collect()
+    }
+
+    fn clients(&self) -> Vec<(i32, Vec<String>)> {
         let needle = self.dir.path().display().to_string();
         let mut out = Vec::new();
         for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -226,7 +241,7 @@ impl Sshd {
                 .first()
                 .is_some_and(|a| a == "ssh" || a.ends_with("/ssh"));
             if is_ssh && args.iter().any(|a| a.contains(&needle)) && process_alive(pid) {
-                out.push(pid);
+                out.push((pid, args));
             }
         }
         out
