@@ -290,6 +290,31 @@ both_modes! {
         read_all_packages(m.path(), binhost.path());
     }
 
+    /// The index is re-checked by a stat (size and mtime are SFTP's only validators): an
+    /// unchanged index is "not modified", a republished one is picked up without a remount.
+    fn index_refresh_over_ssh_sees_changes_and_skips_unchanged(mode) {
+        let sshd = Sshd::start();
+        let binhost = fixture_copy();
+        let cache = TempDir::new().unwrap();
+        let m = mount(mode, &sshd, binhost.path(), cache.path(), &["--index-ttl", "1"]);
+        let last = |m: &Mount| status(m)["index"]["last_check_result"].as_str().unwrap_or("").to_string();
+        assert!(
+            wait_until(Duration::from_secs(20), || last(&m) == "not modified"),
+            "never 'not modified': {}",
+            last(&m)
+        );
+        let index = binhost.path().join("Packages");
+        let text = fs::read_to_string(&index).unwrap();
+        let old: u64 = support::parse_packages(&text).0["TIMESTAMP"].parse().unwrap();
+        fs::write(&index, text.replace(&format!("TIMESTAMP: {old}"), &format!("TIMESTAMP: {}", old + 1))).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || status(&m)["index"]["timestamp"].as_u64() == Some(old + 1)),
+            "the republished index was not picked up: {}",
+            status(&m)
+        );
+        read_all_packages(m.path(), binhost.path());
+    }
+
     /// No ssh master outlives the daemon: not after `umount`, not after SIGKILL (the master
     /// exits once idle, ControlPersist 10 s), and a remount after SIGKILL works.
     fn no_ssh_master_survives_the_daemon(mode) {
