@@ -22,9 +22,9 @@
 //! `INFLIGHT` reads of the server's maximum length in flight on clones of one handle (clones
 //! share the remote handle, each has its own offset) and yields them in order.
 //!
-//! The URL is parsed here, not by the crate (its parser takes `:22/path` for a port and
-//! breaks on IPv6), and a host starting with `-` is refused: the crate passes the host as the
-//! last argument of `ssh` without `--`.
+//! `target` parses the URL (not the crate: its parser breaks on `:22/path` and IPv6) and
+//! refuses a host starting with `-`; `master` owns the control directory and reads ssh's
+//! errors.
 
 use std::io::SeekFrom;
 use std::num::NonZeroUsize;
@@ -45,6 +45,12 @@ use tokio::io::AsyncSeekExt;
 use tracing::{debug, info, warn};
 
 use super::{Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError};
+use master::{connect_error, home_dir, prepare_control_dir, stop_masters};
+pub use target::option_line;
+use target::{Target, parse_target};
+
+mod master;
+mod target;
 use crate::index::{MAX_INDEX_BYTES, Validators};
 
 /// Reads in flight per stream: at 255 KiB each, 4 MiB, enough for ~400 MiB/s at 10 ms RTT.
@@ -90,102 +96,6 @@ impl Default for SshOptions {
             control_dir: Path::new(CONTROL_ROOT).join("ssh-default"),
         }
     }
-}
-
-/// Checks one extra option (`Key=value` or `Key value`) and returns it as a config line.
-pub fn option_line(opt: &str) -> Result<String, String> {
-    let opt = opt.trim();
-    let (key, value) = opt
-        .split_once('=')
-        .or_else(|| opt.split_once(char::is_whitespace))
-        .ok_or_else(|| format!("ssh option {opt:?}: expected Key=value"))?;
-    let (key, value) = (key.trim(), value.trim());
-    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(format!("ssh option {opt:?}: bad option name"));
-    }
-    if value.is_empty() || value.chars().any(|c| c.is_control()) {
-        return Err(format!("ssh option {opt:?}: bad value"));
-    }
-    Ok(format!("{key} {value}"))
-}
-
-/// Where an ssh:// URL points.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Target {
-    user: Option<String>,
-    /// Bare host (an IPv6 address without brackets).
-    host: String,
-    port: Option<u16>,
-    /// The absolute, decoded directory that holds `Packages`, without a trailing `/`.
-    root: String,
-}
-
-fn parse_target(url: &Url) -> Result<Target, String> {
-    if url.password().is_some() {
-        return Err("passwords in ssh:// URLs are not supported (use a key)".into());
-    }
-    let host = match url.host_str() {
-        Some(h) if h.starts_with('[') => h.trim_start_matches('[').trim_end_matches(']'),
-        Some(h) => h,
-        None => return Err("no host".into()),
-    }
-    .to_string();
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && !s.starts_with('-')
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
-    };
-    if !name_ok(&host) {
-        return Err(format!("host {host:?} is not a host name or address"));
-    }
-    let user = match url.username() {
-        "" => None,
-        u => {
-            let u = percent_decode(u)?;
-            if !name_ok(&u) || u.contains(':') {
-                return Err(format!("user {u:?} is not a user name"));
-            }
-            Some(u)
-        }
-    };
-    let root = percent_decode(url.path())?;
-    if !root.starts_with('/') || root.trim_end_matches('/').is_empty() {
-        return Err("needs an absolute path: ssh://[user@]host[:port]/path/to/binhost".into());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err("no query or fragment allowed".into());
-    }
-    Ok(Target {
-        user,
-        host,
-        port: url.port(),
-        root: root.trim_end_matches('/').to_string(),
-    })
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    let out = String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))?;
-    if out.contains('\0') || out.chars().any(|c| c.is_control()) {
-        return Err(format!("control characters in {s:?}"));
-    }
-    Ok(out)
 }
 
 /// One live connection: the master session and the SFTP channel on it.
@@ -501,127 +411,6 @@ impl Drop for Shared {
     }
 }
 
-fn home_dir() -> Option<PathBuf> {
-    // SAFETY: getpwuid returns a pointer into static storage or NULL; read at once.
-    unsafe {
-        let pw = libc::getpwuid(libc::geteuid());
-        if pw.is_null() || (*pw).pw_dir.is_null() {
-            return None;
-        }
-        let dir = std::ffi::CStr::from_ptr((*pw).pw_dir);
-        Some(PathBuf::from(dir.to_string_lossy().into_owned()))
-    }
-}
-
-/// Creates the control directory (0700) and tells any master a killed daemon left in it to
-/// exit.
-fn prepare_control_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if dir.exists() {
-        stop_masters(dir);
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// `ssh -O exit` for every control socket in `dir` (each waited for at most 2 s).
-fn stop_masters(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let sock = e.path().join("master");
-        if !e
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".ssh-connection")
-            || !sock.exists()
-        {
-            continue;
-        }
-        let child = std::process::Command::new("ssh")
-            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-S"])
-            .arg(&sock)
-            .args(["-O", "exit", "binpkgfs-stale-master"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        if let Ok(mut child) = child {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            debug!(socket = %sock.display(), "told a stale ssh master to exit");
-        }
-    }
-}
-
-/// Classifies a failed master start by what ssh logged.
-fn connect_error(name: &str, e: &openssh::Error) -> TransportError {
-    // The ssh log is the source of Connect/Master; the crate's own words add nothing.
-    let text = match e {
-        openssh::Error::Connect(io) | openssh::Error::Master(io) => io.to_string(),
-        other => super::chain(other),
-    };
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('@'))
-        .collect();
-    let find = |needle: &str| lines.iter().find(|l| l.contains(needle)).copied();
-    if text.contains("Host key verification failed") || text.contains("host key") {
-        let why = if let Some(l) = find("has changed") {
-            format!(
-                "{l} The server's host key does not match known_hosts (possibly a \
-                 man-in-the-middle): fix known_hosts if the key was changed on purpose"
-            )
-        } else if let Some(l) = find("host key is known") {
-            format!(
-                "{l} Add the server's key to known_hosts (or mount once with \
-                 -o ssh_accept_new)"
-            )
-        } else {
-            lines.join(" ")
-        };
-        return TransportError::fatal(format!("{name}: host key verification failed: {why}"));
-    }
-    if text.contains("Permission denied") || text.contains("Too many authentication failures") {
-        let l = find("Permission denied").unwrap_or("authentication failed");
-        return TransportError::fatal(format!(
-            "{name}: ssh authentication failed: {l} (check the key: -o ssh_identity=, the agent, \
-             or authorized_keys on the server)"
-        ));
-    }
-    if text.contains("Bad configuration option")
-        || text.contains("Unsupported option")
-        || text.contains("terminating,")
-        || text.contains("Could not resolve hostname")
-    {
-        let one = lines.join(" ");
-        let kind = if text.contains("Could not resolve hostname") {
-            ErrorKind::Offline
-        } else {
-            ErrorKind::Fatal
-        };
-        return TransportError::new(kind, format!("{name}: ssh: {one}"));
-    }
-    // Refused, unreachable, timed out, the server closed the connection: try again later.
-    TransportError::new(
-        ErrorKind::Offline,
-        format!("{name}: ssh: {}", lines.join(" ")),
-    )
-}
-
 /// `(kind, the connection is dead)` for an SFTP error.
 fn classify_sftp(e: &SftpError) -> (ErrorKind, bool) {
     match e {
@@ -820,55 +609,6 @@ impl Transport for Ssh {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn target(url: &str) -> Result<Target, String> {
-        parse_target(&Url::parse(url).unwrap())
-    }
-
-    #[test]
-    fn urls_with_user_port_and_ipv6_parse() {
-        let t = target("ssh://binhost@build.example.org:2222/var/cache/binpkgs/").unwrap();
-        assert_eq!(t.user.as_deref(), Some("binhost"));
-        assert_eq!(t.host, "build.example.org");
-        assert_eq!(t.port, Some(2222));
-        assert_eq!(t.root, "/var/cache/binpkgs");
-        let t = target("ssh://[::1]:22/srv/b%20x").unwrap();
-        assert_eq!((t.host.as_str(), t.port), ("::1", Some(22)));
-        assert_eq!(t.root, "/srv/b x");
-        let t = target("ssh://h/p").unwrap();
-        assert_eq!((t.user, t.port), (None, None));
-    }
-
-    #[test]
-    fn hostile_or_incomplete_urls_are_refused() {
-        for bad in [
-            "ssh://-oProxyCommand=touch%20x/p",
-            "ssh://-h/p",
-            "ssh://u:pw@h/p",
-            "ssh://-l@h/p",
-            "ssh://h",
-            "ssh://h/",
-            "ssh://h/p?x",
-            "ssh://h/p%0a",
-        ] {
-            assert!(target(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn extra_options_become_config_lines() {
-        assert_eq!(
-            option_line("Ciphers=aes128-gcm@openssh.com").unwrap(),
-            "Ciphers aes128-gcm@openssh.com"
-        );
-        assert_eq!(
-            option_line(" ProxyJump  bastion ").unwrap(),
-            "ProxyJump bastion"
-        );
-        for bad in ["", "NoValue", "=x", "Bad-Key=1", "Key=a\nHost *"] {
-            assert!(option_line(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn sftp_errors_are_classified() {
