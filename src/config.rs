@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::remote::SshOptions;
+
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/binpkgfs";
 pub const DEFAULT_MOUNTPOINT: &str = "/var/cache/binpkgs";
 /// Where emerge publishes its merge list (`EROOT/var/cache/edb/mtimedb`) on a plain system.
@@ -140,9 +142,26 @@ pub struct MountArgs {
     /// carries: BLAKE2B, SHA512, SHA1, then MD5) or `all` [default: strongest].
     #[arg(long)]
     pub verify: Option<String>,
+    /// ssh://: private key to use (`ssh -i`, with IdentitiesOnly).
+    #[arg(long)]
+    pub ssh_identity: Option<PathBuf>,
+    /// ssh://: known_hosts file to check the server's host key against.
+    #[arg(long)]
+    pub ssh_known_hosts: Option<PathBuf>,
+    /// ssh://: ssh config file to read instead of ~/.ssh/config and /etc/ssh/ssh_config.
+    #[arg(long)]
+    pub ssh_config: Option<PathBuf>,
+    /// ssh://: an extra ssh option, `Key=value` (repeatable; the role of PORTAGE_SSH_OPTS).
+    #[arg(long = "ssh-option", value_name = "KEY=VALUE")]
+    pub ssh_options: Vec<String>,
+    /// ssh://: accept an unknown host key and remember it (StrictHostKeyChecking=accept-new);
+    /// a changed key is still refused.
+    #[arg(long)]
+    pub ssh_accept_new: bool,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, streams=, verify=, noprefetch, nopassthrough, allow_other, and the usual mount
-    /// words.
+    /// stall_timeout=, mtimedb=, streams=, verify=, ssh_identity=, ssh_known_hosts=,
+    /// ssh_config=, ssh_option=KEY=VALUE, ssh_accept_new, noprefetch, nopassthrough,
+    /// allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
     /// Internal: report readiness on stdout (used by the detaching parent).
@@ -173,6 +192,8 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// Parallel ranged streams per large package (1: one stream).
     pub streams: usize,
+    /// For ssh:// binhosts.
+    pub ssh: SshOptions,
     /// Which digests a download is checked against.
     pub verify: VerifyMode,
 }
@@ -223,6 +244,11 @@ impl MountConfig {
         let mut mtimedb = None;
         let mut no_prefetch = a.no_prefetch;
         let mut passthrough = !a.no_passthrough;
+        let mut ssh_identity = None;
+        let mut ssh_known_hosts = None;
+        let mut ssh_config = None;
+        let mut ssh_options = Vec::new();
+        let mut ssh_accept_new = a.ssh_accept_new;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
             match opt.split_once('=') {
                 Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
@@ -234,6 +260,11 @@ impl MountConfig {
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
                 Some(("streams", v)) => streams = Some(v.to_string()),
+                Some(("ssh_identity", v)) => ssh_identity = Some(PathBuf::from(v)),
+                Some(("ssh_known_hosts", v)) => ssh_known_hosts = Some(PathBuf::from(v)),
+                Some(("ssh_config", v)) => ssh_config = Some(PathBuf::from(v)),
+                Some(("ssh_option", v)) => ssh_options.push(v.to_string()),
+                None if opt == "ssh_accept_new" => ssh_accept_new = true,
                 Some(("verify", v)) => verify = Some(v.to_string()),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
@@ -290,9 +321,23 @@ impl MountConfig {
             .mtimedb
             .or(mtimedb)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MTIMEDB));
+        ssh_options.extend(a.ssh_options);
+        for o in &ssh_options {
+            crate::remote::ssh_option_line(o)?;
+        }
+        let mountpoint = absolute(&a.mountpoint)?;
+        let opt_path = |p: Option<PathBuf>| p.map(|p| absolute(&p)).transpose();
+        let ssh = SshOptions {
+            identity: opt_path(a.ssh_identity.or(ssh_identity))?,
+            known_hosts: opt_path(a.ssh_known_hosts.or(ssh_known_hosts))?,
+            config: opt_path(a.ssh_config.or(ssh_config))?,
+            options: ssh_options,
+            accept_new: ssh_accept_new,
+            control_dir: ssh_control_dir(&mountpoint),
+        };
         Ok(MountConfig {
             url: a.url,
-            mountpoint: absolute(&a.mountpoint)?,
+            mountpoint,
             foreground: a.foreground,
             notify_ready: a.notify_ready,
             cache_dir: absolute(&cache_dir)?,
@@ -307,9 +352,18 @@ impl MountConfig {
             prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
             passthrough,
             streams,
+            ssh,
             verify,
         })
     }
+}
+
+/// One control directory per mount point, so a restart of the same mount finds (and ends)
+/// the masters a killed daemon left, and mounts never share one.
+fn ssh_control_dir(mountpoint: &Path) -> PathBuf {
+    use sha1::Digest;
+    let h = sha1::Sha1::digest(mountpoint.as_os_str().as_encoded_bytes());
+    Path::new(crate::remote::SSH_CONTROL_ROOT).join(format!("ssh-{}", &hex::encode(h)[..16]))
 }
 
 /// The daemon detaches and changes directory, so every path is made absolute first.
@@ -497,6 +551,38 @@ mod tests {
         assert_eq!(c.mountpoint, PathBuf::from(DEFAULT_MOUNTPOINT));
         let c = parse(&["--mount", "/m", "a/b", "a/b/b-1-1.gpkg.tar"]).unwrap();
         assert_eq!((c.targets.len(), c.world_updates), (2, None));
+    }
+
+    #[test]
+    fn ssh_options_in_both_forms() {
+        let url = "ssh://binhost@h/var/cache/binpkgs";
+        let c = cfg(&[
+            "-o",
+            "ro,_netdev,ssh_identity=/etc/binpkgfs/id,ssh_known_hosts=/etc/binpkgfs/kh",
+            "-o",
+            "ssh_option=ProxyJump=bastion,ssh_accept_new",
+            "--ssh-option",
+            "Ciphers aes128-gcm@openssh.com",
+            url,
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(c.ssh.identity, Some(PathBuf::from("/etc/binpkgfs/id")));
+        assert_eq!(c.ssh.known_hosts, Some(PathBuf::from("/etc/binpkgfs/kh")));
+        assert_eq!(c.ssh.options.len(), 2);
+        assert!(c.ssh.accept_new);
+        assert_eq!(c.ssh.config, None);
+        // One control directory per mount point, under /run/binpkgfs.
+        let d = cfg(&[url, "/mnt2"]).unwrap().ssh.control_dir;
+        assert!(
+            d.to_string_lossy().starts_with("/run/binpkgfs/ssh-"),
+            "{}",
+            d.display()
+        );
+        assert_ne!(d, c.ssh.control_dir);
+        assert!(!cfg(&[url, "/mnt2"]).unwrap().ssh.accept_new);
+        let e = cfg(&["-o", "ssh_option=Key=a\nHost *", url, "/mnt"]).unwrap_err();
+        assert!(e.contains("ssh option"), "{e}");
     }
 
     #[test]

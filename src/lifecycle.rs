@@ -19,7 +19,7 @@ use crate::cache::Store;
 use crate::index::Validators;
 use crate::index::{Index, Rejected};
 use crate::namespace::Namespace;
-use crate::remote::{Endpoint, IndexFetch};
+use crate::remote::{Endpoint, ErrorKind, IndexFetch};
 use crate::snapshot::Snapshot;
 
 /// What the last index check did, for `status`.
@@ -90,6 +90,13 @@ impl Lifecycle {
                         since.cloned().unwrap_or_default(),
                         format!("offline: {e}"),
                     )
+                }
+                // A refusal (a wrong ssh host key, a 403) is not "unreachable": say which.
+                None if e.kind == ErrorKind::Fatal => {
+                    return Err(format!(
+                        "no saved index, and the binhost refused: {}",
+                        e.message
+                    ));
                 }
                 None => {
                     return Err(format!(

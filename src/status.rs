@@ -36,6 +36,7 @@ pub fn reporter(
         let now = unix(SystemTime::now());
         json!({
             "url": lifecycle.url,
+            "transport": crate::remote::transport_name(&lifecycle.url),
             "mountpoint": mountpoint,
             "pid": std::process::id(),
             "index": {
@@ -117,6 +118,7 @@ pub fn render(v: &Value) -> String {
             .to_string()
     };
     let now = unix(SystemTime::now());
+    let transport = s("/transport");
     let index_line = match v.pointer("/index/timestamp").and_then(Value::as_u64) {
         Some(t) => format!("TIMESTAMP {t} ({}s old)", now.saturating_sub(t)),
         None => "no TIMESTAMP".into(),
@@ -128,7 +130,8 @@ pub fn render(v: &Value) -> String {
          last check: {}s ago: {}\n\
          cache:      {} of {} in {} entries\n\
          requests:   {} hits, {} misses, {} fetched, {} in flight, {} failed\n\
-         verify:     SIZE and {}\n",
+         verify:     SIZE and {}\n\
+         transport:  {}\n",
         s("/url"),
         s("/mountpoint"),
         n("/pid"),
@@ -148,6 +151,12 @@ pub fn render(v: &Value) -> String {
         match s("/verify").as_str() {
             "all" => "every digest in the index",
             _ => "the strongest digest in the index (BLAKE2B > SHA512 > SHA1 > MD5)",
+        },
+        match transport.as_str() {
+            "ssh" => "ssh (SFTP over an OpenSSH ControlMaster connection)",
+            "file" => "file (a local or network directory)",
+            "http" => "http(s)",
+            other => other,
         },
     )
 }

@@ -247,6 +247,7 @@ mod tests {
         let opts = RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
+            ssh: Default::default(),
         };
         let h = Http::new(Url::parse("https://h/amd64").unwrap(), &opts).unwrap();
         assert_eq!(

@@ -19,6 +19,7 @@ mod endpoint;
 mod file;
 mod http;
 mod packages_gz;
+mod ssh;
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use bytes::Bytes;
 
 pub use crate::index::Validators;
 pub use endpoint::Endpoint;
+pub use ssh::{CONTROL_ROOT as SSH_CONTROL_ROOT, SshOptions, option_line as ssh_option_line};
 
 /// What went wrong, as far as deciding what to do next is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,8 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// A transfer that delivers nothing for this long is cut.
     pub stall_timeout: Duration,
+    /// For ssh:// binhosts.
+    pub ssh: SshOptions,
 }
 
 /// A binhost as the fetcher and the refresher see it.
@@ -193,7 +197,7 @@ impl Body {
 pub fn connect(url: &str, opts: &RemoteOptions) -> Result<Box<dyn Transport>, TransportError> {
     let bad = || {
         TransportError::fatal(format!(
-            "unsupported URL {url:?}: use http://, https:// or file:///path"
+            "unsupported URL {url:?}: use http://, https://, ssh://[user@]host[:port]/path or file:///path"
         ))
     };
     let parsed = reqwest::Url::parse(url).map_err(|_| bad())?;
@@ -201,11 +205,22 @@ pub fn connect(url: &str, opts: &RemoteOptions) -> Result<Box<dyn Transport>, Tr
         "http" | "https" if parsed.host_str().is_some() => {
             Ok(Box::new(http::Http::new(parsed, opts)?))
         }
+        "ssh" => Ok(Box::new(ssh::Ssh::new(&parsed, opts)?)),
         "file" if parsed.host_str().unwrap_or("").is_empty() => {
             let base = parsed.to_file_path().map_err(|_| bad())?;
             Ok(Box::new(file::LocalDir::new(base, opts)))
         }
         _ => Err(bad()),
+    }
+}
+
+/// The transport a URL is served by, for `status`: `http`, `ssh`, `file` (or `?`).
+pub fn transport_name(url: &str) -> &'static str {
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("http" | "https") => "http",
+        Some("ssh") => "ssh",
+        Some("file") => "file",
+        _ => "?",
     }
 }
 
@@ -254,6 +269,7 @@ mod tests {
         RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
+            ssh: SshOptions::default(),
         }
     }
 
@@ -272,6 +288,9 @@ mod tests {
         }
         assert!(connect("file:///srv/binpkgs", &opts()).is_ok());
         assert!(connect("https://h/amd64", &opts()).is_ok());
+        assert!(connect("ssh://binhost@h:2222/var/cache/binpkgs", &opts()).is_ok());
+        let err = connect("ssh://-oProxyCommand=x/p", &opts()).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Fatal);
     }
 
     #[test]

@@ -24,6 +24,10 @@ use std::time::{Duration, SystemTime};
 
 use tempfile::TempDir;
 
+mod sshd;
+#[allow(unused_imports)]
+pub use sshd::{SSH_ALIAS, Sshd, require_sshd};
+
 /// How long `binpkgfs mount` may take to answer before a test gives up.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a daemon may take to exit after its filesystem was unmounted.
