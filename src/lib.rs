@@ -13,8 +13,10 @@
 //! * `vfs` — what an open, read or readdir means, as plain decisions;
 //! * `fs` — the FUSE adapter: translation only;
 //! * `prefetch` — fetching ahead of emerge (its merge list, or the `prefetch` command);
+//! * `binrepos` — Portage's `binrepos.conf`: which binhosts, in which order;
 //! * `config`, `daemon`, `logging`, `status`, `demo` — the process around it.
 
+pub mod binrepos;
 pub mod cache;
 pub mod config;
 pub mod daemon;
