@@ -18,6 +18,7 @@ mod content_range;
 mod endpoint;
 mod file;
 mod http;
+mod mirrors;
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use bytes::Bytes;
 
 pub use crate::index::Validators;
 pub use endpoint::Endpoint;
+pub use mirrors::{Mirror, Mirrors};
 
 /// What went wrong, as far as deciding what to do next is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +151,14 @@ impl Body {
         }
     }
 
+    /// The same body, its chunks passed through `f` (a mirror watching for a broken body).
+    pub fn map_chunks(self, f: impl FnOnce(Box<dyn Chunks>) -> Box<dyn Chunks>) -> Body {
+        Body {
+            chunks: f(self.chunks),
+            ..self
+        }
+    }
+
     /// How many bytes the server announced it will send from the caller's start offset, if it
     /// said (checked before any byte is kept): the rest of the file, or for an honoured
     /// bounded range (`is_partial`), the range.
@@ -205,6 +215,23 @@ pub fn connect(url: &str, opts: &RemoteOptions) -> Result<Box<dyn Transport>, Tr
             Ok(Box::new(file::LocalDir::new(base, opts)))
         }
         _ => Err(bad()),
+    }
+}
+
+/// The transport for one binhost given as one or more mirror URLs.
+pub fn connect_mirrors(
+    urls: &[String],
+    opts: &RemoteOptions,
+) -> Result<Box<dyn Transport>, TransportError> {
+    match urls {
+        [one] => connect(one, opts),
+        _ => {
+            let mut all = Vec::new();
+            for u in urls {
+                all.push((u.clone(), connect(u, opts)?));
+            }
+            Ok(Box::new(Mirrors::new(all)))
+        }
     }
 }
 
