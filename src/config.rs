@@ -94,9 +94,24 @@ impl PrefetchConfig {
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Binhost URL: the directory holding `Packages`.
-    pub url: String,
-    pub mountpoint: PathBuf,
+    /// Binhost URLs (the directory holding `Packages`), highest priority first, as in
+    /// PORTAGE_BINHOST; `URL|URL` names mirrors of one binhost. The word `binrepos` means
+    /// `--binrepos`.
+    /// ... and last, the mount point.
+    #[arg(value_name = "URL... MOUNTPOINT", num_args = 1.., required = true)]
+    pub args: Vec<String>,
+    /// Also every binhost in Portage's binrepos.conf (a file or directory)
+    /// [default: /etc/portage/binrepos.conf].
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true,
+          default_missing_value = crate::binrepos::DEFAULT_BINREPOS)]
+    pub binrepos: Option<PathBuf>,
+    /// Confirm that Portage requires signatures (FEATURES=binpkg-request-signature), so
+    /// binhosts with `verify-signature = true` may be served.
+    #[arg(long)]
+    pub request_signature: bool,
+    /// HTTP(S) proxy for every binhost (else http_proxy/https_proxy/no_proxy apply).
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
     /// Stay attached instead of detaching once the mount answers.
     #[arg(short, long)]
     pub foreground: bool,
@@ -148,7 +163,14 @@ pub struct MountArgs {
 /// Everything a mount needs, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MountConfig {
+    /// What the mount shows as its source: the binhost's URL, or `binrepos`.
     pub url: String,
+    /// The binhosts, highest priority first (`binrepos`); one for a plain mount.
+    pub binhosts: Vec<crate::binrepos::BinRepo>,
+    /// Merge the binhosts' indexes (`index::merge`): several binhosts, or a binrepos.conf.
+    pub merge: bool,
+    /// `--proxy`: used for every HTTP(S) binhost instead of the environment's.
+    pub proxy: Option<String>,
     pub mountpoint: PathBuf,
     pub foreground: bool,
     pub notify_ready: bool,
@@ -215,6 +237,10 @@ impl MountConfig {
         let mut mtimedb = None;
         let mut no_prefetch = a.no_prefetch;
         let mut passthrough = !a.no_passthrough;
+        let mut binrepos = a.binrepos.clone();
+        let mut extra_binhosts = Vec::new();
+        let mut request_signature = a.request_signature;
+        let mut proxy = None;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
             match opt.split_once('=') {
                 Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
@@ -226,6 +252,13 @@ impl MountConfig {
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
                 Some(("streams", v)) => streams = Some(v.to_string()),
+                Some(("binrepos", v)) => binrepos = Some(PathBuf::from(v)),
+                Some(("binhost", v)) => extra_binhosts.push(v.to_string()),
+                Some(("proxy", v)) => proxy = Some(v.to_string()),
+                None if opt == "binrepos" => {
+                    binrepos = Some(PathBuf::from(crate::binrepos::DEFAULT_BINREPOS))
+                }
+                None if opt == "request_signature" => request_signature = true,
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
@@ -276,9 +309,19 @@ impl MountConfig {
             .mtimedb
             .or(mtimedb)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MTIMEDB));
+        let (mountpoint, urls) = a.args.split_last().expect("clap requires one");
+        let (url, binhosts, merge) =
+            binhosts(urls, extra_binhosts, binrepos.as_deref(), request_signature)?;
+        let proxy = a.proxy.or(proxy);
+        if let Some(p) = &proxy {
+            reqwest::Url::parse(p).map_err(|e| format!("proxy {p:?}: {e}"))?;
+        }
         Ok(MountConfig {
-            url: a.url,
-            mountpoint: absolute(&a.mountpoint)?,
+            url,
+            binhosts,
+            merge,
+            proxy,
+            mountpoint: absolute(Path::new(mountpoint))?,
             foreground: a.foreground,
             notify_ready: a.notify_ready,
             cache_dir: absolute(&cache_dir)?,
@@ -295,6 +338,70 @@ impl MountConfig {
             streams,
         })
     }
+}
+
+/// The binhosts of a mount: command-line URLs (as PORTAGE_BINHOST) and binrepos.conf
+/// sections, in Portage's order. Returns the source to show, the binhosts, and whether their
+/// indexes are merged.
+fn binhosts(
+    urls: &[String],
+    extra: Vec<String>,
+    mut binrepos: Option<&Path>,
+    request_signature: bool,
+) -> Result<(String, Vec<crate::binrepos::BinRepo>, bool), String> {
+    let mut cli = Vec::new();
+    for u in urls.iter().chain(&extra) {
+        if u == "binrepos" {
+            binrepos = binrepos.or(Some(Path::new(crate::binrepos::DEFAULT_BINREPOS)));
+        } else {
+            cli.push(u.clone());
+        }
+    }
+    let mut paths = Vec::new();
+    if let Some(file) = binrepos {
+        if !file.exists() {
+            return Err(format!(
+                "binrepos.conf {}: no such file or directory",
+                file.display()
+            ));
+        }
+        // Portage reads its shipped file first ([DEFAULT] verify-signature = true).
+        paths.push(PathBuf::from(crate::binrepos::GLOBAL_BINREPOS));
+        paths.push(absolute(file)?);
+    }
+    let loaded = crate::binrepos::load(&paths, &cli)?;
+    for w in &loaded.warnings {
+        eprintln!("binpkgfs: warning: {w}");
+    }
+    let repos = loaded.repos;
+    if repos.is_empty() {
+        return Err(match binrepos {
+            Some(f) => format!(
+                "no binhost: {} has no section with a sync-uri, and no URL was given",
+                f.display()
+            ),
+            None => "no binhost: give a URL (or --binrepos)".into(),
+        });
+    }
+    if let Some(r) = repos.iter().find(|r| r.verify_signature) {
+        if !request_signature {
+            return Err(format!(
+                "binrepos.conf asks for verify-signature on [{}], which binpkgfs cannot check: \
+                 Portage checks signatures of a local PKGDIR only with \
+                 FEATURES=\"binpkg-request-signature\" (and the binhost's key in \
+                 /etc/portage/gnupg). Set that in make.conf and mount with --request-signature \
+                 (or -o request_signature), or set verify-signature = false for that binhost",
+                r.name
+            ));
+        }
+    }
+    let merge = binrepos.is_some() || repos.len() > 1;
+    let url = if binrepos.is_some() {
+        "binrepos".to_string()
+    } else {
+        repos[0].mirrors[0].clone()
+    };
+    Ok((url, repos, merge))
 }
 
 /// The daemon detaches and changes directory, so every path is made absolute first.
@@ -459,6 +566,69 @@ mod tests {
         assert_eq!(c.mountpoint, PathBuf::from(DEFAULT_MOUNTPOINT));
         let c = parse(&["--mount", "/m", "a/b", "a/b/b-1-1.gpkg.tar"]).unwrap();
         assert_eq!((c.targets.len(), c.world_updates), (2, None));
+    }
+
+    #[test]
+    fn several_binhosts_mirrors_and_binrepos() {
+        let c = cfg(&["http://h/x", "/mnt"]).unwrap();
+        assert_eq!(
+            (c.url.as_str(), c.binhosts.len(), c.merge),
+            ("http://h/x", 1, false)
+        );
+        let c = cfg(&["http://a|http://a2/", "http://b", "/mnt"]).unwrap();
+        assert!(c.merge);
+        assert_eq!(c.binhosts[0].mirrors, ["http://a", "http://a2"]);
+        assert_eq!(c.binhosts[1].mirrors, ["http://b"]);
+        let c = cfg(&["-o", "binhost=http://c", "http://a", "/mnt"]).unwrap();
+        assert_eq!(c.binhosts.len(), 2);
+        assert!(cfg(&["/mnt"]).unwrap_err().contains("no binhost"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("binrepos.conf");
+        std::fs::write(
+            &conf,
+            "[mine]\npriority = 9\nsync-uri = http://mine\n[main]\nsync-uri = http://main\n",
+        )
+        .unwrap();
+        let eq = format!("--binrepos={}", conf.display());
+        let c = cfg(&[&eq, "/mnt"]).unwrap();
+        assert!(c.merge);
+        assert_eq!(c.url, "binrepos");
+        assert_eq!(c.mountpoint, PathBuf::from("/mnt"));
+        let names: Vec<_> = c.binhosts.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["mine", "main"]);
+        // fstab form: the source is the word `binrepos`.
+        let o = format!("binrepos={}", conf.display());
+        assert_eq!(
+            cfg(&["-o", &o, "binrepos", "/mnt"]).unwrap().binhosts.len(),
+            2
+        );
+        // A command-line URL comes before sections without a priority.
+        let c = cfg(&[&eq, "http://cli", "/mnt"]).unwrap();
+        let names: Vec<_> = c.binhosts.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["mine", "http://cli", "main"]);
+        // Bare --binrepos takes the mount point as a positional, not as its file.
+        let e = cfg(&["--binrepos", "/mnt"]).err();
+        if !Path::new(crate::binrepos::DEFAULT_BINREPOS).exists() {
+            assert!(e.unwrap().contains("/etc/portage/binrepos.conf"));
+        }
+
+        std::fs::write(
+            &conf,
+            "[DEFAULT]\nverify-signature = true\n[s]\nsync-uri = http://s\n",
+        )
+        .unwrap();
+        let e = cfg(&[&eq, "/mnt"]).unwrap_err();
+        assert!(
+            e.contains("binpkg-request-signature") && e.contains("[s]"),
+            "{e}"
+        );
+        let c = cfg(&[&eq, "--request-signature", "/mnt"]).unwrap();
+        assert!(c.binhosts[0].verify_signature);
+
+        assert!(cfg(&["--proxy", "not a url", "http://a", "/mnt"]).is_err());
+        let c = cfg(&["-o", "proxy=http://squid:3128", "http://a", "/mnt"]).unwrap();
+        assert_eq!(c.proxy.as_deref(), Some("http://squid:3128"));
     }
 
     #[test]

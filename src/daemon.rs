@@ -100,6 +100,7 @@ fn remote_options(cfg: &MountConfig) -> RemoteOptions {
     RemoteOptions {
         connect_timeout: cfg.connect_timeout,
         stall_timeout: cfg.stall_timeout,
+        proxy: cfg.proxy.clone(),
     }
 }
 

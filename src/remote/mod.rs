@@ -79,6 +79,9 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// A transfer that delivers nothing for this long is cut.
     pub stall_timeout: Duration,
+    /// An HTTP(S) proxy for every request; `None`: the environment's (`http_proxy`,
+    /// `https_proxy`, `no_proxy`), as reqwest reads them.
+    pub proxy: Option<String>,
 }
 
 /// A binhost as the fetcher and the refresher see it.
@@ -280,6 +283,7 @@ mod tests {
         RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
+            proxy: None,
         }
     }
 
