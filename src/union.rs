@@ -1,0 +1,330 @@
+//! Several binhosts in one PKGDIR: each binhost's own index life, and their merge.
+//!
+//! Every binhost is a `Lifecycle` of its own: its endpoint (with its mirrors), its refresh
+//! timer, its saved index and validators, its offline state. A binhost that is down keeps its
+//! saved (or last good) index in the merge, so it never hides the others' packages; one that
+//! has never been reached is an empty index until it answers. After any binhost's index
+//! changes, the indexes are merged again (`index::merge`) and the tree is swapped whole.
+//!
+//! The rest of the mount (the FUSE adapter, status, the merge-list prefetcher) sees the merge
+//! through `merged`, a `Lifecycle` whose tree is the merged one; it is never run itself.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::binrepos::BinRepo;
+use crate::cache::Store;
+use crate::index::merge::{Source, merge};
+use crate::index::{Index, Rejected};
+use crate::lifecycle::{Lifecycle, RefreshState};
+use crate::namespace::Namespace;
+use crate::remote::{self, Endpoint, Mirror, Mirrors, RemoteOptions};
+use crate::snapshot::Snapshot;
+
+pub struct Binhost {
+    pub repo: BinRepo,
+    pub endpoint: Arc<Endpoint>,
+    /// Its mirrors' state, when it has more than one.
+    pub mirrors: Vec<Arc<Mirror>>,
+    pub life: Arc<Lifecycle>,
+}
+
+pub struct Union {
+    pub binhosts: Vec<Binhost>,
+    /// The merged view, for everything that reads the tree.
+    pub merged: Arc<Lifecycle>,
+    /// Serialises merges: two binhosts refreshing at once must not swap out of order.
+    merging: Mutex<()>,
+}
+
+/// The key a binhost's saved index is kept under.
+fn key(repo: &BinRepo) -> String {
+    repo.mirrors.join(" ")
+}
+
+fn empty_index() -> Index {
+    Index {
+        raw: Bytes::new(),
+        timestamp: None,
+        ttl: None,
+        packages: Vec::new(),
+        rejected: Vec::new(),
+    }
+}
+
+fn lifecycle_with(
+    endpoint: Arc<Endpoint>,
+    store: Arc<Store>,
+    url: String,
+    index: Index,
+    result: String,
+) -> Lifecycle {
+    Lifecycle {
+        remote: endpoint,
+        store,
+        url,
+        ns: Arc::new(Snapshot::new(Namespace::build(Arc::new(index)).0)),
+        last: Mutex::new(RefreshState {
+            at: SystemTime::now(),
+            result,
+            validators: Default::default(),
+        }),
+    }
+}
+
+impl Union {
+    /// Connects to every binhost and loads each index (at the same time). `Err` only when no
+    /// binhost has an index at all, or a URL is unusable.
+    pub async fn start(
+        repos: Vec<BinRepo>,
+        opts: &RemoteOptions,
+        store: Arc<Store>,
+    ) -> Result<Union, String> {
+        let mut pending = Vec::new();
+        for repo in repos {
+            let mut mirrors = Vec::new();
+            let transport: Box<dyn remote::Transport> = if repo.mirrors.len() > 1 {
+                let mut all = Vec::new();
+                for u in &repo.mirrors {
+                    all.push((
+                        u.clone(),
+                        remote::connect(u, opts).map_err(|e| e.to_string())?,
+                    ));
+                }
+                let m = Mirrors::new(all);
+                mirrors = m.mirrors.clone();
+                Box::new(m)
+            } else {
+                remote::connect(&repo.mirrors[0], opts).map_err(|e| e.to_string())?
+            };
+            let endpoint = Arc::new(Endpoint::new(transport));
+            let store = store.clone();
+            let task = tokio::spawn(load(repo.clone(), endpoint.clone(), store));
+            pending.push((repo, endpoint, mirrors, task));
+        }
+        let mut binhosts = Vec::new();
+        for (repo, endpoint, mirrors, task) in pending {
+            let life = task
+                .await
+                .map_err(|e| format!("loading {}: {e}", repo.name))?;
+            binhosts.push(Binhost {
+                repo,
+                endpoint,
+                mirrors,
+                life: Arc::new(life),
+            });
+        }
+        if binhosts
+            .iter()
+            .all(|b| b.life.ns.current().index.timestamp.is_none())
+        {
+            let why: Vec<String> = binhosts
+                .iter()
+                .map(|b| format!("{}: {}", b.repo.name, b.life.last.lock().unwrap().result))
+                .collect();
+            return Err(format!("no binhost has an index: {}", why.join("; ")));
+        }
+        let first = &binhosts[0];
+        let merged = lifecycle_with(
+            first.endpoint.clone(),
+            store,
+            "binrepos".into(),
+            empty_index(),
+            "merged".into(),
+        );
+        let union = Union {
+            binhosts,
+            merged: Arc::new(merged),
+            merging: Mutex::new(()),
+        };
+        union.remerge();
+        Ok(union)
+    }
+
+    /// The endpoints in binhost order, for the fetcher (`Origin::binhost` indexes them).
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.binhosts.iter().map(|b| b.endpoint.clone()).collect()
+    }
+
+    /// Merges the binhosts' current indexes and swaps the result in, if it changed.
+    pub fn remerge(&self) {
+        let _one = self.merging.lock().unwrap();
+        let indexes: Vec<Arc<Index>> = self
+            .binhosts
+            .iter()
+            .map(|b| b.life.ns.current().index.clone())
+            .collect();
+        let wants: Vec<_> = self
+            .binhosts
+            .iter()
+            .map(|b| move |cpv: &str, slot: Option<&str>| b.repo.wants(cpv, slot))
+            .collect();
+        let sources: Vec<Source> = self
+            .binhosts
+            .iter()
+            .zip(&indexes)
+            .zip(&wants)
+            .filter(|((_, ix), _)| ix.timestamp.is_some())
+            .map(|((b, index), wants)| Source {
+                index,
+                name: &b.repo.name,
+                wants,
+                gpkg_only: b.repo.verify_signature,
+            })
+            .collect();
+        // Binhosts without an index are left out, so origins must index the full list.
+        let positions: Vec<u16> = indexes
+            .iter()
+            .enumerate()
+            .filter(|(_, ix)| ix.timestamp.is_some())
+            .map(|(i, _)| i as u16)
+            .collect();
+        let current = self.merged.ns.current().index.clone();
+        let floor = current.timestamp.unwrap_or(0);
+        let mut m = merge(&sources, floor);
+        if m.index.raw == current.raw {
+            return;
+        }
+        if current.timestamp.is_some() && m.index.timestamp == current.timestamp {
+            // Changed, but no binhost's TIMESTAMP moved past ours: move it anyway.
+            m = merge(&sources, floor + 1);
+        }
+        for p in &mut m.index.packages {
+            p.origin.binhost = positions[p.origin.binhost as usize];
+        }
+        let (ns, collisions) = Namespace::build(Arc::new(m.index));
+        let refused: Vec<&Rejected> = ns.index.rejected.iter().chain(&collisions).collect();
+        for r in refused.iter().take(20) {
+            warn!(entry = %r.what, "refusing index entry: {}", r.reason);
+        }
+        info!(
+            packages = ns.index.packages.len(),
+            timestamp = ns.index.timestamp,
+            duplicates = m.duplicates,
+            filtered = m.filtered,
+            moved = m.moved,
+            "binhosts merged"
+        );
+        self.merged.ns.swap(ns);
+        *self.merged.last.lock().unwrap() = RefreshState {
+            at: SystemTime::now(),
+            result: self.summary(),
+            validators: Default::default(),
+        };
+    }
+
+    fn summary(&self) -> String {
+        self.binhosts
+            .iter()
+            .map(|b| format!("{}: {}", b.repo.name, b.life.last.lock().unwrap().result))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Re-checks every binhost on its own timer forever (frozen ones never); run as a task.
+    pub async fn run(self: Arc<Self>, ttl: Duration) {
+        let mut tasks = JoinSet::new();
+        for i in 0..self.binhosts.len() {
+            if self.binhosts[i].repo.frozen {
+                continue;
+            }
+            let me = self.clone();
+            tasks.spawn(async move {
+                let b = &me.binhosts[i];
+                loop {
+                    let header_ttl = b.life.ns.current().index.ttl.map(Duration::from_secs);
+                    let wait = header_ttl
+                        .map_or(ttl, |h| h.min(ttl))
+                        .max(Duration::from_secs(1));
+                    tokio::time::sleep(wait).await;
+                    let before = b.life.ns.current();
+                    b.life.refresh().await;
+                    if !Arc::ptr_eq(&before, &b.life.ns.current()) {
+                        me.remerge();
+                    } else {
+                        me.merged.last.lock().unwrap().result = me.summary();
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        std::future::pending::<()>().await
+    }
+
+    /// Each binhost and its mirrors, for `status`.
+    pub fn status(&self) -> Value {
+        let ns = self.merged.ns.current();
+        let mut served = vec![0usize; self.binhosts.len()];
+        for p in &ns.index.packages {
+            if let Some(n) = served.get_mut(p.origin.binhost as usize) {
+                *n += 1;
+            }
+        }
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let list: Vec<Value> = self
+            .binhosts
+            .iter()
+            .zip(served)
+            .map(|(b, served)| {
+                let index = b.life.ns.current().index.clone();
+                let last = b.life.last.lock().unwrap().clone();
+                let mirrors: Vec<Value> = b
+                    .mirrors
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "url": m.url,
+                            "state": m.state().map_or("ok".to_string(), |w| format!("passed over: {w}")),
+                            "requests": m.served.load(std::sync::atomic::Ordering::Relaxed),
+                            "failures": m.failures.load(std::sync::atomic::Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": b.repo.name,
+                    "priority": b.repo.priority,
+                    "urls": b.repo.mirrors,
+                    "frozen": b.repo.frozen,
+                    "online": b.endpoint.check_online().is_ok(),
+                    "timestamp": index.timestamp,
+                    "packages": index.packages.len(),
+                    "served_packages": served,
+                    "last_check": unix(last.at),
+                    "last_check_result": last.result,
+                    "mirrors": mirrors,
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+}
+
+/// One binhost's first index: frozen with a saved copy, that copy (no network); else as a
+/// single mount loads it; and if it has neither, an empty index that a refresh fills later.
+async fn load(repo: BinRepo, endpoint: Arc<Endpoint>, store: Arc<Store>) -> Lifecycle {
+    let url = key(&repo);
+    if repo.frozen
+        && let Ok(Some((raw, v))) = store.load_index(&url)
+        && let Ok(index) = Index::parse(Bytes::from(raw))
+    {
+        info!(binhost = %repo.name, "frozen: using the saved index");
+        let life = lifecycle_with(endpoint, store, url, index, "frozen".into());
+        life.last.lock().unwrap().validators = v;
+        return life;
+    }
+    match Lifecycle::start(endpoint.clone(), store.clone(), url.clone()).await {
+        Ok(life) => life,
+        Err(e) => {
+            warn!(binhost = %repo.name, "{e}; its packages appear once it answers");
+            lifecycle_with(endpoint, store, url, empty_index(), format!("failed: {e}"))
+        }
+    }
+}
