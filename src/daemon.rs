@@ -206,6 +206,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
             cfg.binhosts.clone(),
             &remote_options(cfg),
             store.clone(),
+            cfg.url.clone(),
         ))?);
         let fetcher = Fetcher::with_binhosts(union.endpoints(), store);
         (union.merged.clone(), fetcher, Some(union))

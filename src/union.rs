@@ -84,6 +84,7 @@ impl Union {
         repos: Vec<BinRepo>,
         opts: &RemoteOptions,
         store: Arc<Store>,
+        source: String,
     ) -> Result<Union, String> {
         let mut pending = Vec::new();
         for repo in repos {
@@ -133,7 +134,7 @@ impl Union {
         let merged = lifecycle_with(
             first.endpoint.clone(),
             store,
-            "binrepos".into(),
+            source,
             empty_index(),
             "merged".into(),
         );
