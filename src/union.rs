@@ -294,7 +294,9 @@ impl Union {
                     "priority": b.repo.priority,
                     "urls": b.repo.mirrors,
                     "frozen": b.repo.frozen,
-                    "online": b.endpoint.check_online().is_ok(),
+                    "online": b.endpoint.check_online().is_ok()
+                        && !last.result.starts_with("failed")
+                        && !last.result.starts_with("offline"),
                     "timestamp": index.timestamp,
                     "packages": index.packages.len(),
                     "served_packages": served,
