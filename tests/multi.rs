@@ -148,9 +148,13 @@ impl Binhosts {
     /// Explicit `verify-signature = false`: Portage's shipped [DEFAULT] says true, and the
     /// fixture packages are not signed.
     fn conf_text(&self) -> String {
+        self.conf_with(1, 10)
+    }
+
+    fn conf_with(&self, main: i64, mine: i64) -> String {
         format!(
-            "[main]\npriority = 1\nsync-uri = {}/main\nverify-signature = false\n\n\
-             [mine]\npriority = 10\nsync-uri = {}/mine/\nverify-signature = false\n",
+            "[main]\npriority = {main}\nsync-uri = {}/main\nverify-signature = false\n\n\
+             [mine]\npriority = {mine}\nsync-uri = {}/mine/\nverify-signature = false\n",
             self.main.url(),
             self.mine.url()
         )
@@ -307,14 +311,27 @@ fn merged_tree_has_both_binhosts_packages_with_exact_bytes_and_priority_decides_
 /// `--usepkgonly`: the same packages and the same builds get installed.
 #[test]
 fn emerge_chooses_the_same_builds_as_portage_getbinpkgonly_and_installs_from_both() {
+    same_builds_as_portage(1, 10);
+}
+
+/// With main above mine, mine's newer builds are the ones moved to another PATH (`-2`, their
+/// BUILD_ID line still 1, as Portage's own inject writes it); emerge still picks them, as
+/// Portage's --getbinpkgonly does, and installs them.
+#[test]
+fn emerge_installs_a_build_the_merge_moved_to_another_path() {
+    same_builds_as_portage(10, 1);
+}
+
+fn same_builds_as_portage(main_priority: i64, mine_priority: i64) {
     let b = Binhosts::new();
+    fs::write(b.conf(), b.conf_with(main_priority, mine_priority)).unwrap();
     let atoms = ["app-misc/binpkgfs-demo", "app-misc/demo-data"];
 
     let empty = TempDir::new().unwrap();
     let portage = PortageSandbox::new(empty.path());
     fs::write(
         portage.root().join("etc/portage/binrepos.conf"),
-        b.conf_text(),
+        b.conf_with(main_priority, mine_priority),
     )
     .unwrap();
     let mut args = vec!["--getbinpkgonly", "--oneshot"];
@@ -338,6 +355,16 @@ fn emerge_chooses_the_same_builds_as_portage_getbinpkgonly_and_installs_from_bot
         install.extend(atoms);
         ours.emerge_ok(&install);
         assert_eq!(installed_builds(&ours), theirs, "{mode:?}");
+        if main_priority > mine_priority {
+            // mine's libdemo was served at the moved PATH, fetched by its PATH on mine.
+            let moved = mount.path().join("dev-libs/libdemo/libdemo-2.1-2.gpkg.tar");
+            assert!(moved.exists());
+            assert!(
+                b.mine
+                    .count_matching(|l| l.uri == format!("/mine/{LIBDEMO}"))
+                    > 0
+            );
+        }
         // Both binhosts served packages for it.
         assert!(b.main.count_matching(|l| l.is_package()) > 0, "{mode:?}");
         assert!(b.mine.count_matching(|l| l.is_package()) > 0, "{mode:?}");
