@@ -472,3 +472,205 @@ fn mirrors_fail_over_without_an_error_to_the_reader() {
             > 0));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Proxies and a site cache: stock nginx in front of the binhost
+// ---------------------------------------------------------------------------
+
+/// An nginx with a `server` block of our own (a proxy or a site cache), killed on drop.
+struct Front {
+    child: std::process::Child,
+    dir: TempDir,
+    port: u16,
+}
+
+impl Front {
+    /// `server` gets `{port}`, `{dir}` and `{origin}` filled in.
+    fn start(http_extra: &str, server: &str, origin: &str) -> Front {
+        let dir = TempDir::with_prefix("binpkgfs-front.").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.path().display().to_string();
+        let fill = |s: &str| {
+            s.replace("{port}", &port.to_string())
+                .replace("{dir}", &d)
+                .replace("{origin}", origin)
+        };
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  log_format front '$request_uri\\t$status\\t$body_bytes_sent\\t$http_range';\n\
+             access_log {d}/access.log front;\n  client_body_temp_path {d}/cb;\n  proxy_temp_path {d}/pt;\n\
+             fastcgi_temp_path {d}/ft;\n  uwsgi_temp_path {d}/ut;\n  scgi_temp_path {d}/st;\n{}\n{}\n}}\n",
+            fill(http_extra),
+            fill(server)
+        );
+        fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            }),
+            "front nginx did not start: {}",
+            fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+        Front { child, dir, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--proxy`: every request goes through the proxy, so a binhost the driver cannot resolve
+/// itself is served, with exact bytes.
+#[test]
+fn proxy_option_sends_every_request_through_the_proxy() {
+    let b = Binhosts::new();
+    let origin = b.main.url();
+    let proxy = Front::start(
+        "",
+        "server { listen 127.0.0.1:{port}; location / { proxy_pass {origin}; } }",
+        &origin,
+    );
+    for mode in MODES {
+        let cache = TempDir::new().unwrap();
+        let mut args = vec!["--no-prefetch", "--proxy"];
+        let p = proxy.url();
+        args.push(&p);
+        args.extend_from_slice(mode);
+        // `.invalid` never resolves: only the proxy can reach it.
+        let mount = Mount::new("http://binhost.invalid/main", cache.path(), &args)
+            .unwrap_or_else(|e| panic!("mount through the proxy: {e}"));
+        for e in support::fixture_packages() {
+            let got = fs::read(mount.path().join(&e["PATH"])).unwrap();
+            assert!(got == fs::read(b.main_dir().join(&e["PATH"])).unwrap());
+        }
+        let want = format!("/main/{LIBDEMO}");
+        assert!(wait_until(Duration::from_secs(5), || {
+            proxy.requests().iter().any(|l| l.starts_with(&want))
+        }));
+    }
+}
+
+/// The site-cache recipe of the README: stock nginx `proxy_cache` with `slice` in front of
+/// the binhost. Eight mounts (eight cache directories) read every package at the same time;
+/// the origin sends each package's bytes about once.
+#[test]
+fn a_site_cache_makes_eight_mounts_cost_the_origin_about_one_download() {
+    let b = Binhosts::new();
+    let cache_front = Front::start(SITE_CACHE_HTTP, SITE_CACHE_SERVER, &b.main.url());
+    b.main.clear_log();
+    let fixture = support::fixture_packages();
+    let total: u64 = fixture
+        .iter()
+        .map(|e| e["SIZE"].parse::<u64>().unwrap())
+        .sum();
+    let url = format!("{}/main", cache_front.url());
+    let mut mounts = Vec::new();
+    let mut caches = Vec::new();
+    for i in 0..8 {
+        let cache = TempDir::new().unwrap();
+        let mode = MODES[i % 2];
+        let mut args = vec!["--no-prefetch"];
+        args.extend_from_slice(mode);
+        mounts.push(Mount::new(&url, cache.path(), &args).unwrap());
+        caches.push(cache);
+    }
+    std::thread::scope(|s| {
+        for m in &mounts {
+            let fixture = &fixture;
+            let b = &b;
+            s.spawn(move || {
+                for e in fixture {
+                    let got = fs::read(m.path().join(&e["PATH"])).unwrap();
+                    assert!(got == fs::read(b.main_dir().join(&e["PATH"])).unwrap());
+                }
+            });
+        }
+    });
+    let sent = || -> u64 {
+        b.main
+            .requests()
+            .iter()
+            .filter(|l| l.is_package())
+            .map(|l| l.bytes_sent)
+            .sum()
+    };
+    // nginx logs just after the last byte: wait for every package to show.
+    wait_until(Duration::from_secs(5), || sent() >= total);
+    let sent = sent();
+    eprintln!(
+        "origin sent {sent} bytes of packages for 8 mounts reading {total} bytes each ({:.2}x)",
+        sent as f64 / total as f64
+    );
+    assert!(
+        sent >= total,
+        "every package came from the origin at least once"
+    );
+    assert!(
+        sent * 10 <= total * 11,
+        "origin sent {sent} bytes for {total} bytes of packages: {:?}",
+        b.main.requests()
+    );
+}
+
+/// The README's recipe, as tested (`{origin}`: the binhost; `{dir}`, `{port}`: this test's).
+const SITE_CACHE_HTTP: &str = "
+  proxy_cache_path {dir}/cache levels=1:2 keys_zone=binpkgs:10m max_size=50g inactive=60d use_temp_path=off;";
+const SITE_CACHE_SERVER: &str = "
+  server {
+    listen 127.0.0.1:{port};
+    # The index changes: keep it for a minute at most, revalidated.
+    location ~ /Packages(\\.gz)?$ {
+      proxy_pass {origin};
+      proxy_cache binpkgs;
+      proxy_cache_valid 200 1m;
+      proxy_cache_revalidate on;
+      proxy_cache_lock on;
+    }
+    # Packages never change at one PATH and digest: cache them in 1 MiB slices, so whole
+    # and ranged requests share one copy, and concurrent misses wait for one download.
+    location / {
+      slice 1m;
+      proxy_pass {origin};
+      proxy_cache binpkgs;
+      proxy_cache_key $uri$slice_range;
+      proxy_set_header Range $slice_range;
+      proxy_http_version 1.1;
+      proxy_cache_valid 200 206 60d;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 5m;
+      proxy_cache_use_stale error timeout updating;
+    }
+  }";
