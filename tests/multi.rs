@@ -674,3 +674,58 @@ const SITE_CACHE_SERVER: &str = "
       proxy_cache_use_stale error timeout updating;
     }
   }";
+
+/// A mirror that goes down in the middle of a transfer: the read completes with exact bytes,
+/// the rest of the file coming from the next mirror as a ranged request.
+#[test]
+fn a_mirror_going_down_mid_transfer_costs_the_reader_nothing() {
+    let b = Binhosts::new();
+    for mode in MODES {
+        // ~1 MB at 200 KB/s: about five seconds on the first mirror.
+        let mut first = Nginx::start_limited(&b.main_dir(), "200k");
+        let second = Nginx::start(&b.main_dir());
+        let cache = TempDir::new().unwrap();
+        let mut args = vec!["--no-prefetch"];
+        args.extend_from_slice(mode);
+        let url = format!("{}|{}", first.url(), second.url());
+        let mount = Mount::new(&url, cache.path(), &args).unwrap();
+        let path = mount.path().join(DATA);
+        let reader = std::thread::spawn(move || fs::read(path));
+        let fetched = |m: &Mount| {
+            let out = Command::new(support::binpkgfs_bin())
+                .args(["status", "--json"])
+                .arg(m.path())
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["bytes_fetched"].as_u64().unwrap_or(0)
+        };
+        // Under way on the first mirror (the daemon counts bytes as they land): cut it.
+        assert!(wait_until(Duration::from_secs(10), || fetched(&mount) > 0
+            || support::list_files(cache.path())
+                .iter()
+                .any(|p| p.to_string_lossy().contains("partial"))));
+        first.stop();
+        let got = reader
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        assert!(
+            got == fs::read(b.main_dir().join(DATA)).unwrap(),
+            "{mode:?}"
+        );
+        let uri = format!("/{DATA}");
+        assert!(wait_until(Duration::from_secs(5), || second
+            .count_matching(|l| l.uri == uri)
+            > 0));
+        let resumed = second
+            .requests()
+            .into_iter()
+            .find(|l| l.uri == uri)
+            .unwrap();
+        assert!(
+            resumed.range.is_some(),
+            "{mode:?}: resumed with a range: {resumed:?}"
+        );
+    }
+}
