@@ -201,6 +201,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     let store = Arc::new(Store::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| e.to_string())?);
+    let mut single_mirrors = Vec::new();
     let (lifecycle, fetcher, union) = if cfg.merge {
         let union = Arc::new(rt.block_on(Union::start(
             cfg.binhosts.clone(),
@@ -211,10 +212,9 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         let fetcher = Fetcher::with_binhosts(union.endpoints(), store);
         (union.merged.clone(), fetcher, Some(union))
     } else {
-        let endpoint = Arc::new(Endpoint::new(
-            remote::connect_mirrors(&cfg.binhosts[0].mirrors, &remote_options(cfg))
-                .map_err(|e| e.to_string())?,
-        ));
+        let (transport, mirrors) = crate::union::connect(&cfg.binhosts[0], &remote_options(cfg))?;
+        single_mirrors = mirrors;
+        let endpoint = Arc::new(Endpoint::new(transport));
         let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
             endpoint.clone(),
             store.clone(),
@@ -226,6 +226,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
     let status = match &union {
         Some(u) => union_status(status, u.clone()),
+        None if !single_mirrors.is_empty() => mirrors_status(status, single_mirrors),
         None => status,
     };
     let ttl = crate::fs::attr_ttl(cfg.index_ttl);
@@ -344,6 +345,18 @@ fn union_status(
     Box::new(move || {
         let mut v: serde_json::Value = serde_json::from_str(&base()).unwrap_or_default();
         v["binhosts"] = union.status();
+        v.to_string()
+    })
+}
+
+/// The status of a mount of one binhost with several mirrors: the plain one, plus each mirror.
+fn mirrors_status(
+    base: Box<dyn Fn() -> String + Send + Sync>,
+    mirrors: Vec<Arc<crate::remote::Mirror>>,
+) -> Box<dyn Fn() -> String + Send + Sync> {
+    Box::new(move || {
+        let mut v: serde_json::Value = serde_json::from_str(&base()).unwrap_or_default();
+        v["mirrors"] = crate::union::mirrors_status(&mirrors);
         v.to_string()
     })
 }

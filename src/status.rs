@@ -161,6 +161,20 @@ pub fn render(v: &Value) -> String {
     if !binhosts.is_empty() {
         binhosts = format!("binhosts (highest priority first):\n{binhosts}");
     }
+    for m in v
+        .get("mirrors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        binhosts += &format!(
+            "mirror {}: {}, {} requests, {} failures\n",
+            m.get("url").and_then(Value::as_str).unwrap_or("?"),
+            m.get("state").and_then(Value::as_str).unwrap_or("?"),
+            m.get("requests").and_then(Value::as_u64).unwrap_or(0),
+            m.get("failures").and_then(Value::as_u64).unwrap_or(0),
+        );
+    }
     let text = format!(
         "binhost:    {}\n\
          mounted at: {} (pid {})\n\

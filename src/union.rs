@@ -88,21 +88,7 @@ impl Union {
     ) -> Result<Union, String> {
         let mut pending = Vec::new();
         for repo in repos {
-            let mut mirrors = Vec::new();
-            let transport: Box<dyn remote::Transport> = if repo.mirrors.len() > 1 {
-                let mut all = Vec::new();
-                for u in &repo.mirrors {
-                    all.push((
-                        u.clone(),
-                        remote::connect(u, opts).map_err(|e| e.to_string())?,
-                    ));
-                }
-                let m = Mirrors::new(all);
-                mirrors = m.mirrors.clone();
-                Box::new(m)
-            } else {
-                remote::connect(&repo.mirrors[0], opts).map_err(|e| e.to_string())?
-            };
+            let (transport, mirrors) = connect(&repo, opts)?;
             let endpoint = Arc::new(Endpoint::new(transport));
             let store = store.clone();
             let task = tokio::spawn(load(repo.clone(), endpoint.clone(), store));
@@ -277,18 +263,7 @@ impl Union {
             .map(|(b, served)| {
                 let index = b.life.ns.current().index.clone();
                 let last = b.life.last.lock().unwrap().clone();
-                let mirrors: Vec<Value> = b
-                    .mirrors
-                    .iter()
-                    .map(|m| {
-                        json!({
-                            "url": m.url,
-                            "state": m.state().map_or("ok".to_string(), |w| format!("passed over: {w}")),
-                            "requests": m.served.load(std::sync::atomic::Ordering::Relaxed),
-                            "failures": m.failures.load(std::sync::atomic::Ordering::Relaxed),
-                        })
-                    })
-                    .collect();
+                let mirrors = mirrors_status(&b.mirrors);
                 json!({
                     "name": b.repo.name,
                     "priority": b.repo.priority,
@@ -308,6 +283,47 @@ impl Union {
             .collect();
         Value::Array(list)
     }
+}
+
+/// Each mirror's state, requests and failures, for `status`.
+pub fn mirrors_status(mirrors: &[Arc<Mirror>]) -> Value {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    Value::Array(
+        mirrors
+            .iter()
+            .map(|m| {
+                json!({
+                    "url": m.url,
+                    "state": m.state().map_or("ok".to_string(), |w| format!("passed over: {w}")),
+                    "requests": load(&m.served),
+                    "failures": load(&m.failures),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A binhost's transport, and its mirrors' state when it has several.
+pub type Connected = (Box<dyn remote::Transport>, Vec<Arc<Mirror>>);
+
+/// The transport for one binhost, and its mirrors' state when it has several.
+pub fn connect(repo: &BinRepo, opts: &RemoteOptions) -> Result<Connected, String> {
+    if let [one] = &repo.mirrors[..] {
+        return Ok((
+            remote::connect(one, opts).map_err(|e| e.to_string())?,
+            Vec::new(),
+        ));
+    }
+    let mut all = Vec::new();
+    for u in &repo.mirrors {
+        all.push((
+            u.clone(),
+            remote::connect(u, opts).map_err(|e| e.to_string())?,
+        ));
+    }
+    let m = Mirrors::new(all);
+    let state = m.mirrors.clone();
+    Ok((Box::new(m), state))
 }
 
 /// One binhost's first index: frozen with a saved copy, that copy (no network); else as a

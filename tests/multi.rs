@@ -470,6 +470,17 @@ fn mirrors_fail_over_without_an_error_to_the_reader() {
         assert!(wait_until(Duration::from_secs(5), || second
             .count_matching(|l| l.uri == p2)
             > 0));
+        let status = Command::new(support::binpkgfs_bin())
+            .arg("status")
+            .arg(mount.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            text.contains(&format!("mirror {}: passed over", first.url()))
+                && text.contains(&format!("mirror {}: ok", second.url())),
+            "{text}"
+        );
     }
 }
 

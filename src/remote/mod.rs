@@ -221,23 +221,6 @@ pub fn connect(url: &str, opts: &RemoteOptions) -> Result<Box<dyn Transport>, Tr
     }
 }
 
-/// The transport for one binhost given as one or more mirror URLs.
-pub fn connect_mirrors(
-    urls: &[String],
-    opts: &RemoteOptions,
-) -> Result<Box<dyn Transport>, TransportError> {
-    match urls {
-        [one] => connect(one, opts),
-        _ => {
-            let mut all = Vec::new();
-            for u in urls {
-                all.push((u.clone(), connect(u, opts)?));
-            }
-            Ok(Box::new(Mirrors::new(all)))
-        }
-    }
-}
-
 /// How often and how patiently a failed request is tried again: one policy for whole
 /// transfers, parts and ranged reads. At most 0.5 + 1 + 2 s of waiting.
 #[derive(Debug, Clone, Copy)]
