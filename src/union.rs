@@ -347,3 +347,92 @@ async fn load(repo: BinRepo, endpoint: Arc<Endpoint>, store: Arc<Store>) -> Life
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn index(ts: u64, cpv: &str, size: u64) -> String {
+        let (cat, pf) = cpv.split_once('/').unwrap();
+        let pn = crate::binrepos::split_cpv(cpv).unwrap().1;
+        format!(
+            "PACKAGES: 1\nTIMESTAMP: {ts}\nVERSION: 0\n\nBUILD_ID: 1\nCPV: {cpv}\nMTIME: 5\n\
+             PATH: {cat}/{pn}/{pf}-1.gpkg.tar\nSIZE: {size}\n\n"
+        )
+    }
+
+    fn repo(name: &str, dir: &std::path::Path, priority: i64) -> BinRepo {
+        BinRepo {
+            name: name.into(),
+            mirrors: vec![format!("file://{}", dir.display())],
+            priority,
+            frozen: false,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            verify_signature: false,
+        }
+    }
+
+    /// A change in a lower-priority binhost whose TIMESTAMP stays below the other's still
+    /// changes the merged TIMESTAMP; a binhost with nothing to offer is not fatal; and one
+    /// that goes away keeps its last index in the merge.
+    #[tokio::test]
+    async fn any_change_is_a_change_of_the_whole() {
+        let high = tempfile::tempdir().unwrap();
+        let low = tempfile::tempdir().unwrap();
+        let missing = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(high.path().join("Packages"), index(1000, "a/x-1", 3)).unwrap();
+        std::fs::write(low.path().join("Packages"), index(100, "a/y-1", 4)).unwrap();
+        let store = Arc::new(Store::open(cache.path(), 1 << 30).unwrap());
+        let opts = RemoteOptions {
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+            proxy: None,
+        };
+        let repos = vec![
+            repo("high", high.path(), 2),
+            repo("low", low.path(), 1),
+            repo("missing", &missing.path().join("nope"), 0),
+        ];
+        let u = Union::start(repos, &opts, store, "test".into())
+            .await
+            .unwrap();
+        let ts = |u: &Union| u.merged.ns.current().index.timestamp.unwrap();
+        let cpvs = |u: &Union| -> Vec<String> {
+            u.merged
+                .ns
+                .current()
+                .index
+                .packages
+                .iter()
+                .map(|p| p.cpv.to_string())
+                .collect()
+        };
+        assert_eq!(ts(&u), 1000);
+        assert_eq!(cpvs(&u), ["a/x-1", "a/y-1"]);
+        assert_eq!(u.merged.ns.current().index.packages[1].origin.binhost, 1);
+
+        std::fs::write(low.path().join("Packages"), index(200, "a/z-1", 4)).unwrap();
+        u.binhosts[1].life.refresh().await;
+        u.remerge();
+        assert_eq!(cpvs(&u), ["a/x-1", "a/z-1"]);
+        assert_eq!(
+            ts(&u),
+            1001,
+            "changed below the newest TIMESTAMP: raised by one"
+        );
+        u.remerge();
+        assert_eq!(ts(&u), 1001, "no change, no new TIMESTAMP");
+
+        // low goes away: its last index stays in the merge.
+        std::fs::remove_file(low.path().join("Packages")).unwrap();
+        u.binhosts[1].life.refresh().await;
+        u.remerge();
+        assert_eq!(cpvs(&u), ["a/x-1", "a/z-1"]);
+        let status = u.status();
+        assert_eq!(status[2]["online"], false);
+        assert_eq!(status[1]["served_packages"], 1);
+    }
+}
