@@ -91,6 +91,7 @@ pub fn merge(sources: &[Source<'_>], timestamp_floor: u64) -> Merged {
     let mut rejected = Vec::new();
     let (mut duplicates, mut filtered, mut moved) = (0, 0, 0);
     let mut header_text = String::new();
+    let mut implicit: Vec<(String, Vec<String>)> = Vec::new();
     for (i, (s, text)) in sources.iter().zip(&texts).enumerate() {
         let mut blocks = Blocks::new(text);
         let header = match blocks.next() {
@@ -100,6 +101,7 @@ pub fn merge(sources: &[Source<'_>], timestamp_floor: u64) -> Merged {
         if header_text.is_empty() && i == 0 {
             header_text = header.text.to_string();
         }
+        collect_implicit(&header, &mut implicit);
         let default_mtime = s.index.timestamp.unwrap_or(0) as i64;
         for block in blocks.flatten() {
             let Ok(mut pkg) = Package::from_block(&block, default_mtime) else {
@@ -153,7 +155,7 @@ pub fn merge(sources: &[Source<'_>], timestamp_floor: u64) -> Merged {
     }
     let raw = format!(
         "{}\n{}",
-        header_with(&header_text, packages.len(), timestamp),
+        header_with(&header_text, packages.len(), timestamp, &implicit),
         body
     );
     let ttl = sources.first().and_then(|s| s.index.ttl);
@@ -215,12 +217,58 @@ fn with_path(lines: &[&str], path: &str) -> String {
     out.join("\n")
 }
 
-/// The header block with PACKAGES and TIMESTAMP set (kept in place, added if missing).
-fn header_with(header: &str, packages: usize, timestamp: u64) -> String {
+/// Header keys whose values Portage's `_merge_pkgindex_header` unions over every binhost
+/// (implicit IUSE and USE_EXPAND: how binary packages' USE flags are read), and `ARCH`,
+/// which it takes from the first header that has one.
+fn is_implicit(key: &str) -> bool {
+    matches!(
+        key,
+        "IUSE_IMPLICIT" | "USE_EXPAND_IMPLICIT" | "USE_EXPAND_UNPREFIXED" | "USE_EXPAND" | "ARCH"
+    ) || key.starts_with("USE_EXPAND_VALUES_")
+}
+
+fn collect_implicit(header: &super::Block<'_>, into: &mut Vec<(String, Vec<String>)>) {
+    for (k, v) in &header.fields {
+        if !is_implicit(k) {
+            continue;
+        }
+        let words = v.split_whitespace().map(str::to_string);
+        match into.iter_mut().find(|(key, _)| key == k) {
+            Some(_) if *k == "ARCH" => {}
+            Some((_, vals)) => {
+                vals.extend(words);
+                vals.sort();
+                vals.dedup();
+            }
+            None => into.push((k.to_string(), words.collect())),
+        }
+    }
+}
+
+/// The header block with PACKAGES and TIMESTAMP set and the implicit-USE keys merged (kept in
+/// place, added if missing).
+fn header_with(
+    header: &str,
+    packages: usize,
+    timestamp: u64,
+    implicit: &[(String, Vec<String>)],
+) -> String {
     let mut out = String::new();
     let (mut has_p, mut has_t) = (false, false);
+    let mut done: Vec<&str> = Vec::new();
     for l in header.lines() {
-        match l.split_once(':').map(|(k, _)| k) {
+        let key = l.split_once(':').map(|(k, _)| k);
+        if let Some((k, vals)) = key.and_then(|k| implicit.iter().find(|(i, _)| i == k)) {
+            if k == "ARCH" {
+                out.push_str(l);
+                out.push('\n');
+            } else {
+                out.push_str(&format!("{k}: {}\n", vals.join(" ")));
+            }
+            done.push(k);
+            continue;
+        }
+        match key {
             Some("PACKAGES") => {
                 out.push_str(&format!("PACKAGES: {packages}\n"));
                 has_p = true;
@@ -233,6 +281,11 @@ fn header_with(header: &str, packages: usize, timestamp: u64) -> String {
                 out.push_str(l);
                 out.push('\n');
             }
+        }
+    }
+    for (k, vals) in implicit {
+        if !done.contains(&k.as_str()) {
+            out.push_str(&format!("{k}: {}\n", vals.join(" ")));
         }
     }
     if !has_p {
@@ -413,6 +466,27 @@ mod tests {
         );
         assert_eq!(m.index.packages.len(), 1);
         assert_eq!(m.filtered, 2);
+    }
+
+    #[test]
+    fn implicit_use_keys_are_unions_and_arch_comes_from_the_first() {
+        let a = Index::parse(Bytes::from(
+            "ARCH: amd64\nIUSE_IMPLICIT: abi_x86_64 prefix\nTIMESTAMP: 1\nUSE_EXPAND: PYTHON_TARGETS\n\n",
+        ))
+        .unwrap();
+        let b = Index::parse(Bytes::from(
+            "ARCH: arm64\nIUSE_IMPLICIT: prefix kernel_linux\nTIMESTAMP: 2\nUSE_EXPAND_VALUES_ARCH: amd64 arm64\n\n",
+        ))
+        .unwrap();
+        let m = merge(&[src(&a, "a"), src(&b, "b")], 0);
+        let text = String::from_utf8_lossy(&m.index.raw);
+        assert!(
+            text.starts_with(
+                "ARCH: amd64\nIUSE_IMPLICIT: abi_x86_64 kernel_linux prefix\nTIMESTAMP: 2\n\
+                 USE_EXPAND: PYTHON_TARGETS\nUSE_EXPAND_VALUES_ARCH: amd64 arm64\nPACKAGES: 0\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
