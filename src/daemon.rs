@@ -214,7 +214,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     } else {
         let (transport, mirrors) = crate::union::connect(&cfg.binhosts[0], &remote_options(cfg))?;
         single_mirrors = mirrors;
-        let endpoint = Arc::new(Endpoint::new(transport));
+        let endpoint = Arc::new(Endpoint::new(transport).with_options(remote_options(cfg)));
         let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
             endpoint.clone(),
             store.clone(),
@@ -222,7 +222,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         ))?);
         (lifecycle, Fetcher::new(endpoint, store), None)
     };
-    let fetcher = Arc::new(fetcher.with_streams(cfg.streams));
+    let fetcher = Arc::new(fetcher.with_streams(cfg.streams).with_verify(cfg.verify));
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
     let status = match &union {
         Some(u) => union_status(status, u.clone()),

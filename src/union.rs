@@ -52,6 +52,7 @@ fn empty_index() -> Index {
         raw: Bytes::new(),
         timestamp: None,
         ttl: None,
+        uri: None,
         packages: Vec::new(),
         rejected: Vec::new(),
     }
@@ -335,6 +336,7 @@ async fn load(repo: BinRepo, endpoint: Arc<Endpoint>, store: Arc<Store>) -> Life
         && let Ok(index) = Index::parse(Bytes::from(raw))
     {
         info!(binhost = %repo.name, "frozen: using the saved index");
+        endpoint.follow_uri(index.uri.as_deref());
         let life = lifecycle_with(endpoint, store, url, index, "frozen".into());
         life.last.lock().unwrap().validators = v;
         return life;

@@ -22,10 +22,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{IndexEntry, Mount, Nginx, PortageSandbox, parse_packages, wait_until};
+use support::{
+    IndexEntry, Mode, Mount, Nginx, PortageSandbox, both_modes, parse_packages, wait_until,
+};
 use tempfile::TempDir;
 
-const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
+const MODES: [Mode; 2] = [Mode::Passthrough, Mode::NoPassthrough];
 const DATA: &str = "app-misc/demo-data/demo-data-1.0-1.gpkg.tar";
 const LIBDEMO: &str = "dev-libs/libdemo/libdemo-2.1-1.gpkg.tar";
 
@@ -160,11 +162,10 @@ impl Binhosts {
         )
     }
 
-    fn mount(&self, mode: &[&str], cache: &Path) -> Mount {
+    fn mount(&self, mode: Mode, cache: &Path) -> Mount {
         let conf = format!("--binrepos={}", self.conf().display());
-        let mut args = vec![conf.as_str(), "--no-prefetch"];
-        args.extend_from_slice(mode);
-        Mount::new("binrepos", cache, &args).unwrap_or_else(|e| panic!("mount: {e}"))
+        let args = vec![conf.as_str(), "--no-prefetch"];
+        Mount::new(mode, "binrepos", cache, &args).unwrap_or_else(|e| panic!("mount: {e}"))
     }
 
     /// What the merged tree must hold: served PATH -> the file it must be, byte for byte.
@@ -407,10 +408,10 @@ fn one_binhost_down_the_others_packages_still_install() {
     }
 }
 
+both_modes! {
 /// Portage's shipped [DEFAULT] asks for signatures; binpkgfs cannot check them, so it
 /// refuses to start rather than drop that silently, and says what to do.
-#[test]
-fn verify_signature_is_refused_unless_portage_requires_signatures() {
+fn verify_signature_is_refused_unless_portage_requires_signatures(mode) {
     let b = Binhosts::new();
     fs::write(
         b.conf(),
@@ -422,7 +423,7 @@ fn verify_signature_is_refused_unless_portage_requires_signatures() {
     .unwrap();
     let cache = TempDir::new().unwrap();
     let conf = format!("--binrepos={}", b.conf().display());
-    let err = Mount::new("binrepos", cache.path(), &[&conf])
+    let err = Mount::new(mode, "binrepos", cache.path(), &[conf.as_str()])
         .err()
         .unwrap();
     assert!(
@@ -430,8 +431,9 @@ fn verify_signature_is_refused_unless_portage_requires_signatures() {
         "{err}"
     );
     // Confirmed: it mounts, and serves only gpkg (all of the fixture).
-    let mount = Mount::new("binrepos", cache.path(), &[&conf, "--request-signature"]).unwrap();
+    let mount = Mount::new(mode, "binrepos", cache.path(), &[conf.as_str(), "--request-signature"]).unwrap();
     assert_eq!(files_under(mount.path()).len(), 4);
+}
 }
 
 /// Two mirrors of one binhost: the first is down, then the second is; a package read in
@@ -443,10 +445,9 @@ fn mirrors_fail_over_without_an_error_to_the_reader() {
         let mut first = Nginx::start(&b.main_dir());
         let second = Nginx::start(&b.main_dir());
         let cache = TempDir::new().unwrap();
-        let mut args = vec!["--no-prefetch"];
-        args.extend_from_slice(mode);
+        let args = vec!["--no-prefetch"];
         let url = format!("{}|{}", first.url(), second.url());
-        let mount = Mount::new(&url, cache.path(), &args).unwrap();
+        let mount = Mount::new(mode, &url, cache.path(), &args).unwrap();
         let fixture = support::fixture_packages();
         let (one, rest) = fixture.split_first().unwrap();
         let got = fs::read(mount.path().join(&one["PATH"])).unwrap();
@@ -579,9 +580,8 @@ fn proxy_option_sends_every_request_through_the_proxy() {
         let mut args = vec!["--no-prefetch", "--proxy"];
         let p = proxy.url();
         args.push(&p);
-        args.extend_from_slice(mode);
         // `.invalid` never resolves: only the proxy can reach it.
-        let mount = Mount::new("http://binhost.invalid/main", cache.path(), &args)
+        let mount = Mount::new(mode, "http://binhost.invalid/main", cache.path(), &args)
             .unwrap_or_else(|e| panic!("mount through the proxy: {e}"));
         for e in support::fixture_packages() {
             let got = fs::read(mount.path().join(&e["PATH"])).unwrap();
@@ -613,9 +613,8 @@ fn a_site_cache_makes_eight_mounts_cost_the_origin_about_one_download() {
     for i in 0..8 {
         let cache = TempDir::new().unwrap();
         let mode = MODES[i % 2];
-        let mut args = vec!["--no-prefetch"];
-        args.extend_from_slice(mode);
-        mounts.push(Mount::new(&url, cache.path(), &args).unwrap());
+        let args = vec!["--no-prefetch"];
+        mounts.push(Mount::new(mode, &url, cache.path(), &args).unwrap());
         caches.push(cache);
     }
     std::thread::scope(|s| {
@@ -696,10 +695,9 @@ fn a_mirror_going_down_mid_transfer_costs_the_reader_nothing() {
         let mut first = Nginx::start_limited(&b.main_dir(), "200k");
         let second = Nginx::start(&b.main_dir());
         let cache = TempDir::new().unwrap();
-        let mut args = vec!["--no-prefetch"];
-        args.extend_from_slice(mode);
+        let args = vec!["--no-prefetch"];
         let url = format!("{}|{}", first.url(), second.url());
-        let mount = Mount::new(&url, cache.path(), &args).unwrap();
+        let mount = Mount::new(mode, &url, cache.path(), &args).unwrap();
         let path = mount.path().join(DATA);
         let reader = std::thread::spawn(move || fs::read(path));
         let fetched = |m: &Mount| {

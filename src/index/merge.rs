@@ -164,6 +164,8 @@ pub fn merge(sources: &[Source<'_>], timestamp_floor: u64) -> Merged {
             raw: Bytes::from(raw),
             timestamp: Some(timestamp),
             ttl,
+            // Each binhost's own endpoint follows its own `URI` header.
+            uri: None,
             packages,
             rejected,
         },

@@ -9,7 +9,7 @@ use reqwest::{StatusCode, Url, header};
 
 use super::{
     Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError, Validators,
-    chain, content_range,
+    chain, content_range, packages_gz,
 };
 use crate::index::MAX_INDEX_BYTES;
 
@@ -107,10 +107,14 @@ fn content_range_of(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
-#[async_trait::async_trait]
-impl Transport for Http {
-    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
-        let url = self.url("Packages");
+impl Http {
+    /// One index file (`Packages` or `Packages.gz`), conditionally.
+    async fn fetch_named(
+        &self,
+        name: &str,
+        since: Option<&Validators>,
+    ) -> Result<IndexFetch, TransportError> {
+        let url = self.url(name);
         let mut req = self.client.get(url.clone());
         if let Some(v) = since {
             if let Some(etag) = &v.etag {
@@ -136,6 +140,7 @@ impl Transport for Http {
         let validators = Validators {
             etag: header_str(header::ETAG),
             last_modified: header_str(header::LAST_MODIFIED),
+            compressed: false,
         };
         let mut raw = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| request_error(&url, &e))? {
@@ -150,6 +155,16 @@ impl Transport for Http {
             raw: raw.into(),
             validators,
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Http {
+    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
+        packages_gz::gz_then_plain(since, |name, v| async move {
+            self.fetch_named(name, v.as_ref()).await
+        })
+        .await
     }
 
     async fn open(&self, path: &str, from: u64, to: Option<u64>) -> Result<Body, TransportError> {

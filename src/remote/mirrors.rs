@@ -187,7 +187,7 @@ impl Transport for Mirrors {
                     raw,
                     validators: Validators {
                         etag: Some(format!("{VALIDATOR_PREFIX}{ts}")),
-                        last_modified: None,
+                        ..Validators::default()
                     },
                 })
             }
@@ -278,7 +278,7 @@ mod tests {
                 raw: Bytes::from(self.index.unwrap()),
                 validators: Validators {
                     etag: Some(self.name.into()),
-                    last_modified: None,
+                    ..Validators::default()
                 },
             })
         }

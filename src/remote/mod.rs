@@ -19,6 +19,7 @@ mod endpoint;
 mod file;
 mod http;
 mod mirrors;
+mod packages_gz;
 
 use std::time::Duration;
 
