@@ -97,9 +97,24 @@ impl PrefetchConfig {
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Binhost URL: the directory holding `Packages`.
-    pub url: String,
-    pub mountpoint: PathBuf,
+    /// Binhost URLs (the directory holding `Packages`), highest priority first, as in
+    /// PORTAGE_BINHOST; `URL|URL` names mirrors of one binhost. The word `binrepos` means
+    /// `--binrepos`.
+    /// ... and last, the mount point.
+    #[arg(value_name = "URL... MOUNTPOINT", num_args = 1.., required = true)]
+    pub args: Vec<String>,
+    /// Also every binhost in Portage's binrepos.conf (a file or directory)
+    /// [default: /etc/portage/binrepos.conf].
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true,
+          default_missing_value = crate::binrepos::DEFAULT_BINREPOS)]
+    pub binrepos: Option<PathBuf>,
+    /// Confirm that Portage requires signatures (FEATURES=binpkg-request-signature), so
+    /// binhosts with `verify-signature = true` may be served.
+    #[arg(long)]
+    pub request_signature: bool,
+    /// HTTP(S) proxy for every binhost (else http_proxy/https_proxy/no_proxy apply).
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
     /// Stay attached instead of detaching once the mount answers.
     #[arg(short, long)]
     pub foreground: bool,
@@ -172,7 +187,14 @@ pub struct MountArgs {
 /// Everything a mount needs, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MountConfig {
+    /// What the mount shows as its source: the binhost's URL, or `binrepos`.
     pub url: String,
+    /// The binhosts, highest priority first (`binrepos`); one for a plain mount.
+    pub binhosts: Vec<crate::binrepos::BinRepo>,
+    /// Merge the binhosts' indexes (`index::merge`): several binhosts, or a binrepos.conf.
+    pub merge: bool,
+    /// `--proxy`: used for every HTTP(S) binhost instead of the environment's.
+    pub proxy: Option<String>,
     pub mountpoint: PathBuf,
     pub foreground: bool,
     pub notify_ready: bool,
@@ -249,6 +271,10 @@ impl MountConfig {
         let mut ssh_config = None;
         let mut ssh_options = Vec::new();
         let mut ssh_accept_new = a.ssh_accept_new;
+        let mut binrepos = a.binrepos.clone();
+        let mut extra_binhosts = Vec::new();
+        let mut request_signature = a.request_signature;
+        let mut proxy = None;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
             match opt.split_once('=') {
                 Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
@@ -265,6 +291,13 @@ impl MountConfig {
                 Some(("ssh_config", v)) => ssh_config = Some(PathBuf::from(v)),
                 Some(("ssh_option", v)) => ssh_options.push(v.to_string()),
                 None if opt == "ssh_accept_new" => ssh_accept_new = true,
+                Some(("binrepos", v)) => binrepos = Some(PathBuf::from(v)),
+                Some(("binhost", v)) => extra_binhosts.push(v.to_string()),
+                Some(("proxy", v)) => proxy = Some(v.to_string()),
+                None if opt == "binrepos" => {
+                    binrepos = Some(PathBuf::from(crate::binrepos::DEFAULT_BINREPOS))
+                }
+                None if opt == "request_signature" => request_signature = true,
                 Some(("verify", v)) => verify = Some(v.to_string()),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
@@ -325,7 +358,8 @@ impl MountConfig {
         for o in &ssh_options {
             crate::remote::ssh_option_line(o)?;
         }
-        let mountpoint = absolute(&a.mountpoint)?;
+        let (mountpoint, urls) = a.args.split_last().expect("clap requires one");
+        let mountpoint = absolute(Path::new(mountpoint))?;
         let opt_path = |p: Option<PathBuf>| p.map(|p| absolute(&p)).transpose();
         let ssh = SshOptions {
             identity: opt_path(a.ssh_identity.or(ssh_identity))?,
@@ -335,8 +369,17 @@ impl MountConfig {
             accept_new: ssh_accept_new,
             control_dir: ssh_control_dir(&mountpoint),
         };
+        let (url, binhosts, merge) =
+            binhosts(urls, extra_binhosts, binrepos.as_deref(), request_signature)?;
+        let proxy = a.proxy.or(proxy);
+        if let Some(p) = &proxy {
+            reqwest::Url::parse(p).map_err(|e| format!("proxy {p:?}: {e}"))?;
+        }
         Ok(MountConfig {
-            url: a.url,
+            url,
+            binhosts,
+            merge,
+            proxy,
             mountpoint,
             foreground: a.foreground,
             notify_ready: a.notify_ready,
@@ -364,6 +407,70 @@ fn ssh_control_dir(mountpoint: &Path) -> PathBuf {
     use sha1::Digest;
     let h = sha1::Sha1::digest(mountpoint.as_os_str().as_encoded_bytes());
     Path::new(crate::remote::SSH_CONTROL_ROOT).join(format!("ssh-{}", &hex::encode(h)[..16]))
+}
+
+/// The binhosts of a mount: command-line URLs (as PORTAGE_BINHOST) and binrepos.conf
+/// sections, in Portage's order. Returns the source to show, the binhosts, and whether their
+/// indexes are merged.
+fn binhosts(
+    urls: &[String],
+    extra: Vec<String>,
+    mut binrepos: Option<&Path>,
+    request_signature: bool,
+) -> Result<(String, Vec<crate::binrepos::BinRepo>, bool), String> {
+    let mut cli = Vec::new();
+    for u in urls.iter().chain(&extra) {
+        if u == "binrepos" {
+            binrepos = binrepos.or(Some(Path::new(crate::binrepos::DEFAULT_BINREPOS)));
+        } else {
+            cli.push(u.clone());
+        }
+    }
+    let mut paths = Vec::new();
+    if let Some(file) = binrepos {
+        if !file.exists() {
+            return Err(format!(
+                "binrepos.conf {}: no such file or directory",
+                file.display()
+            ));
+        }
+        // Portage reads its shipped file first ([DEFAULT] verify-signature = true).
+        paths.push(PathBuf::from(crate::binrepos::GLOBAL_BINREPOS));
+        paths.push(absolute(file)?);
+    }
+    let loaded = crate::binrepos::load(&paths, &cli)?;
+    for w in &loaded.warnings {
+        eprintln!("binpkgfs: warning: {w}");
+    }
+    let repos = loaded.repos;
+    if repos.is_empty() {
+        return Err(match binrepos {
+            Some(f) => format!(
+                "no binhost: {} has no section with a sync-uri, and no URL was given",
+                f.display()
+            ),
+            None => "no binhost: give a URL (or --binrepos)".into(),
+        });
+    }
+    if let Some(r) = repos.iter().find(|r| r.verify_signature) {
+        if !request_signature {
+            return Err(format!(
+                "binrepos.conf asks for verify-signature on [{}], which binpkgfs cannot check: \
+                 Portage checks signatures of a local PKGDIR only with \
+                 FEATURES=\"binpkg-request-signature\" (and the binhost's key in \
+                 /etc/portage/gnupg). Set that in make.conf and mount with --request-signature \
+                 (or -o request_signature), or set verify-signature = false for that binhost",
+                r.name
+            ));
+        }
+    }
+    let merge = binrepos.is_some() || repos.len() > 1;
+    let url = if binrepos.is_some() {
+        "binrepos".to_string()
+    } else {
+        repos[0].mirrors[0].clone()
+    };
+    Ok((url, repos, merge))
 }
 
 /// The daemon detaches and changes directory, so every path is made absolute first.
@@ -583,6 +690,69 @@ mod tests {
         assert!(!cfg(&[url, "/mnt2"]).unwrap().ssh.accept_new);
         let e = cfg(&["-o", "ssh_option=Key=a\nHost *", url, "/mnt"]).unwrap_err();
         assert!(e.contains("ssh option"), "{e}");
+    }
+
+    #[test]
+    fn several_binhosts_mirrors_and_binrepos() {
+        let c = cfg(&["http://h/x", "/mnt"]).unwrap();
+        assert_eq!(
+            (c.url.as_str(), c.binhosts.len(), c.merge),
+            ("http://h/x", 1, false)
+        );
+        let c = cfg(&["http://a|http://a2/", "http://b", "/mnt"]).unwrap();
+        assert!(c.merge);
+        assert_eq!(c.binhosts[0].mirrors, ["http://a", "http://a2"]);
+        assert_eq!(c.binhosts[1].mirrors, ["http://b"]);
+        let c = cfg(&["-o", "binhost=http://c", "http://a", "/mnt"]).unwrap();
+        assert_eq!(c.binhosts.len(), 2);
+        assert!(cfg(&["/mnt"]).unwrap_err().contains("no binhost"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("binrepos.conf");
+        std::fs::write(
+            &conf,
+            "[mine]\npriority = 9\nsync-uri = http://mine\n[main]\nsync-uri = http://main\n",
+        )
+        .unwrap();
+        let eq = format!("--binrepos={}", conf.display());
+        let c = cfg(&[&eq, "/mnt"]).unwrap();
+        assert!(c.merge);
+        assert_eq!(c.url, "binrepos");
+        assert_eq!(c.mountpoint, PathBuf::from("/mnt"));
+        let names: Vec<_> = c.binhosts.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["mine", "main"]);
+        // fstab form: the source is the word `binrepos`.
+        let o = format!("binrepos={}", conf.display());
+        assert_eq!(
+            cfg(&["-o", &o, "binrepos", "/mnt"]).unwrap().binhosts.len(),
+            2
+        );
+        // A command-line URL comes before sections without a priority.
+        let c = cfg(&[&eq, "http://cli", "/mnt"]).unwrap();
+        let names: Vec<_> = c.binhosts.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["mine", "http://cli", "main"]);
+        // Bare --binrepos takes the mount point as a positional, not as its file.
+        let e = cfg(&["--binrepos", "/mnt"]).err();
+        if !Path::new(crate::binrepos::DEFAULT_BINREPOS).exists() {
+            assert!(e.unwrap().contains("/etc/portage/binrepos.conf"));
+        }
+
+        std::fs::write(
+            &conf,
+            "[DEFAULT]\nverify-signature = true\n[s]\nsync-uri = http://s\n",
+        )
+        .unwrap();
+        let e = cfg(&[&eq, "/mnt"]).unwrap_err();
+        assert!(
+            e.contains("binpkg-request-signature") && e.contains("[s]"),
+            "{e}"
+        );
+        let c = cfg(&[&eq, "--request-signature", "/mnt"]).unwrap();
+        assert!(c.binhosts[0].verify_signature);
+
+        assert!(cfg(&["--proxy", "not a url", "http://a", "/mnt"]).is_err());
+        let c = cfg(&["-o", "proxy=http://squid:3128", "http://a", "/mnt"]).unwrap();
+        assert_eq!(c.proxy.as_deref(), Some("http://squid:3128"));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::fs::BinpkgFs;
 use crate::lifecycle::Lifecycle;
 use crate::remote::{self, Endpoint, RemoteOptions};
 use crate::status;
+use crate::union::Union;
 
 /// Runs `binpkgfs mount`. `Err` is the one line to print before exiting non-zero.
 pub fn mount(cfg: MountConfig) -> Result<(), String> {
@@ -39,8 +40,10 @@ pub fn mount(cfg: MountConfig) -> Result<(), String> {
 }
 
 fn preflight(cfg: &MountConfig) -> Result<(), String> {
-    // The URL first: a typo should not wait for anything else.
-    remote::connect(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?;
+    // The URLs first: a typo should not wait for anything else.
+    for url in cfg.binhosts.iter().flat_map(|b| &b.mirrors) {
+        remote::connect(url, &remote_options(cfg)).map_err(|e| e.to_string())?;
+    }
     let mnt = &cfg.mountpoint;
     match fs::metadata(mnt) {
         Ok(m) if m.is_dir() => {}
@@ -101,6 +104,7 @@ fn remote_options(cfg: &MountConfig) -> RemoteOptions {
         connect_timeout: cfg.connect_timeout,
         stall_timeout: cfg.stall_timeout,
         ssh: cfg.ssh.clone(),
+        proxy: cfg.proxy.clone(),
     }
 }
 
@@ -198,21 +202,34 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     let store = Arc::new(Store::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| e.to_string())?);
-    let endpoint = Arc::new(
-        Endpoint::new(remote::connect(&cfg.url, &remote_options(cfg)).map_err(|e| e.to_string())?)
-            .with_options(remote_options(cfg)),
-    );
-    let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
-        endpoint.clone(),
-        store.clone(),
-        cfg.url.clone(),
-    ))?);
-    let fetcher = Arc::new(
-        Fetcher::new(endpoint, store)
-            .with_streams(cfg.streams)
-            .with_verify(cfg.verify),
-    );
+    let mut single_mirrors = Vec::new();
+    let (lifecycle, fetcher, union) = if cfg.merge {
+        let union = Arc::new(rt.block_on(Union::start(
+            cfg.binhosts.clone(),
+            &remote_options(cfg),
+            store.clone(),
+            cfg.url.clone(),
+        ))?);
+        let fetcher = Fetcher::with_binhosts(union.endpoints(), store);
+        (union.merged.clone(), fetcher, Some(union))
+    } else {
+        let (transport, mirrors) = crate::union::connect(&cfg.binhosts[0], &remote_options(cfg))?;
+        single_mirrors = mirrors;
+        let endpoint = Arc::new(Endpoint::new(transport).with_options(remote_options(cfg)));
+        let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
+            endpoint.clone(),
+            store.clone(),
+            cfg.url.clone(),
+        ))?);
+        (lifecycle, Fetcher::new(endpoint, store), None)
+    };
+    let fetcher = Arc::new(fetcher.with_streams(cfg.streams).with_verify(cfg.verify));
     let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
+    let status = match &union {
+        Some(u) => union_status(status, u.clone()),
+        None if !single_mirrors.is_empty() => mirrors_status(status, single_mirrors),
+        None => status,
+    };
     let ttl = crate::fs::attr_ttl(cfg.index_ttl);
     let fs = BinpkgFs::new(
         lifecycle.ns.clone(),
@@ -271,7 +288,10 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
     );
     notify.send("ready");
 
-    let refresher = rt.spawn(lifecycle.clone().run(cfg.index_ttl));
+    let refresher = match union {
+        Some(u) => rt.spawn(u.run(cfg.index_ttl)),
+        None => rt.spawn(lifecycle.clone().run(cfg.index_ttl)),
+    };
     let prefetcher = cfg.prefetch_mtimedb.clone().map(|mtimedb| {
         rt.spawn(crate::prefetch::watch(
             mtimedb,
@@ -316,6 +336,30 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         }
         Ok(Err(e)) => Err(format!("FUSE session ended with an error: {e}")),
     }
+}
+
+/// The status of a merged mount: the plain one, plus each binhost and its mirrors.
+fn union_status(
+    base: Box<dyn Fn() -> String + Send + Sync>,
+    union: Arc<Union>,
+) -> Box<dyn Fn() -> String + Send + Sync> {
+    Box::new(move || {
+        let mut v: serde_json::Value = serde_json::from_str(&base()).unwrap_or_default();
+        v["binhosts"] = union.status();
+        v.to_string()
+    })
+}
+
+/// The status of a mount of one binhost with several mirrors: the plain one, plus each mirror.
+fn mirrors_status(
+    base: Box<dyn Fn() -> String + Send + Sync>,
+    mirrors: Vec<Arc<crate::remote::Mirror>>,
+) -> Box<dyn Fn() -> String + Send + Sync> {
+    Box::new(move || {
+        let mut v: serde_json::Value = serde_json::from_str(&base()).unwrap_or_default();
+        v["mirrors"] = crate::union::mirrors_status(&mirrors);
+        v.to_string()
+    })
 }
 
 /// Every open package holds a file descriptor (two while a large one downloads); a busy

@@ -12,9 +12,12 @@
 //! * `lifecycle` — first index load, refresh, swap, offline fallback;
 //! * `vfs` — what an open, read or readdir means, as plain decisions;
 //! * `fs` — the FUSE adapter: translation only;
+//! * `union` — several binhosts in one PKGDIR: each one's index life, and their merge;
 //! * `prefetch` — fetching ahead of emerge (its merge list, or the `prefetch` command);
+//! * `binrepos` — Portage's `binrepos.conf`: which binhosts, in which order;
 //! * `config`, `daemon`, `logging`, `status`, `demo` — the process around it.
 
+pub mod binrepos;
 pub mod cache;
 pub mod config;
 pub mod daemon;
@@ -30,4 +33,5 @@ pub mod prefetch;
 pub mod remote;
 pub mod snapshot;
 pub mod status;
+pub mod union;
 pub mod verify;

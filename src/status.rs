@@ -123,7 +123,66 @@ pub fn render(v: &Value) -> String {
         Some(t) => format!("TIMESTAMP {t} ({}s old)", now.saturating_sub(t)),
         None => "no TIMESTAMP".into(),
     };
-    format!(
+    let mut binhosts = String::new();
+    for b in v
+        .get("binhosts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let g = |k: &str| b.get(k).cloned().unwrap_or(Value::Null);
+        binhosts += &format!(
+            "  {} (priority {}{}): {}, {} packages ({} served), last check {}s ago: {}\n",
+            g("name").as_str().unwrap_or("?"),
+            g("priority"),
+            if g("frozen").as_bool() == Some(true) {
+                ", frozen"
+            } else {
+                ""
+            },
+            if g("online").as_bool() == Some(true) {
+                "online"
+            } else {
+                "offline"
+            },
+            g("packages"),
+            g("served_packages"),
+            now.saturating_sub(g("last_check").as_u64().unwrap_or(0)),
+            g("last_check_result").as_str().unwrap_or("?"),
+        );
+        for m in b
+            .get("mirrors")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            binhosts += &format!(
+                "    mirror {}: {}, {} requests, {} failures\n",
+                m.get("url").and_then(Value::as_str).unwrap_or("?"),
+                m.get("state").and_then(Value::as_str).unwrap_or("?"),
+                m.get("requests").and_then(Value::as_u64).unwrap_or(0),
+                m.get("failures").and_then(Value::as_u64).unwrap_or(0),
+            );
+        }
+    }
+    if !binhosts.is_empty() {
+        binhosts = format!("binhosts (highest priority first):\n{binhosts}");
+    }
+    for m in v
+        .get("mirrors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        binhosts += &format!(
+            "mirror {}: {}, {} requests, {} failures\n",
+            m.get("url").and_then(Value::as_str).unwrap_or("?"),
+            m.get("state").and_then(Value::as_str).unwrap_or("?"),
+            m.get("requests").and_then(Value::as_u64).unwrap_or(0),
+            m.get("failures").and_then(Value::as_u64).unwrap_or(0),
+        );
+    }
+    let text = format!(
         "binhost:    {}\n\
          mounted at: {} (pid {})\n\
          index:      {}, {} packages, {} refused entries\n\
@@ -158,5 +217,6 @@ pub fn render(v: &Value) -> String {
             "http" => "http(s)",
             other => other,
         },
-    )
+    );
+    text + &binhosts
 }

@@ -66,7 +66,8 @@ const WHOLE_BELOW: u64 = 2 << 20;
 const PROMOTE_AFTER: u64 = 1 << 20;
 
 pub struct Fetcher {
-    endpoint: Arc<Endpoint>,
+    /// One per binhost; a package is fetched from `endpoints[pkg.origin.binhost]`.
+    endpoints: Vec<Arc<Endpoint>>,
     store: Arc<Store>,
     /// Blobs with open handles or a running transfer (which holds a strong reference).
     active: Mutex<HashMap<CacheKey, Weak<Blob>>>,
@@ -87,8 +88,15 @@ const LINGER: usize = 32;
 
 impl Fetcher {
     pub fn new(endpoint: Arc<Endpoint>, store: Arc<Store>) -> Fetcher {
+        Self::with_binhosts(vec![endpoint], store)
+    }
+
+    /// A fetcher for a mount that merges several binhosts (`index::merge`): each package
+    /// comes from its own binhost's endpoint, by its PATH there.
+    pub fn with_binhosts(endpoints: Vec<Arc<Endpoint>>, store: Arc<Store>) -> Fetcher {
+        assert!(!endpoints.is_empty(), "a fetcher needs a binhost");
         Fetcher {
-            endpoint,
+            endpoints,
             store,
             active: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
@@ -118,26 +126,35 @@ impl Fetcher {
         &self.store
     }
 
+    /// The endpoint that serves `pkg`.
+    pub(crate) fn endpoint(&self, pkg: &Package) -> &Endpoint {
+        self.endpoints
+            .get(pkg.origin.binhost as usize)
+            .unwrap_or(&self.endpoints[0])
+    }
+
     /// One ranged read for a sparse file, with the same breaker and retries as transfers.
     /// `Ok(None)`: the server does not do ranges.
     pub(crate) async fn read_range(
         &self,
-        path: &str,
+        pkg: &Package,
         from: u64,
         len: u64,
     ) -> Result<Option<Vec<u8>>, String> {
-        self.endpoint.check_online()?;
+        let path = pkg.remote_path();
+        let endpoint = self.endpoint(pkg);
+        endpoint.check_online()?;
         let mut attempt = 0;
         loop {
-            match self.endpoint.transport().read_range(path, from, len).await {
+            match endpoint.transport().read_range(path, from, len).await {
                 Ok(data) => {
-                    self.endpoint.answered();
+                    endpoint.answered();
                     if data.is_some() {
                         self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
                     }
                     return Ok(data);
                 }
-                Err(e) if e.is_offline() => return Err(self.endpoint.went_offline(&e)),
+                Err(e) if e.is_offline() => return Err(endpoint.went_offline(&e)),
                 Err(e) => match transfer::Failure::from_transport(e) {
                     transfer::Failure::Retry(reason) => {
                         attempt += 1;

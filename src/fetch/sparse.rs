@@ -59,7 +59,7 @@ impl Sparse {
             if let (Some(&a), Some(&b)) = (missing.first(), missing.last()) {
                 let from = a * BLOCK;
                 let len = ((b + 1) * BLOCK).min(pkg.size) - from;
-                let Some(data) = fetcher.read_range(&pkg.path, from, len).await? else {
+                let Some(data) = fetcher.read_range(pkg, from, len).await? else {
                     return Ok(None);
                 };
                 write_making_room(&self.file, &data, from, fetcher.store())?;

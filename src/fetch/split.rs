@@ -45,7 +45,7 @@ impl Fetcher {
     /// `attempt`).
     pub(super) fn plan(&self, pkg: &Package, have: u64) -> Option<(u64, Segments)> {
         if self.streams < 2
-            || !self.endpoint.may_split()
+            || !self.endpoint(pkg).may_split()
             || self.stats.in_flight.load(Ordering::Relaxed) > 1
         {
             return None;
@@ -131,18 +131,18 @@ impl Fetcher {
     ) -> Result<bool, Failure> {
         let start = from + *got;
         let mut body = self
-            .endpoint
+            .endpoint(pkg)
             .transport()
-            .open(&pkg.path, start, Some(to))
+            .open(pkg.remote_path(), start, Some(to))
             .await
             .map_err(|e| Failure::from_open(e, pkg))?;
         let served_end = self.checked(pkg, &body, start)?;
         if !body.is_partial() {
             // Used (the body skips to the part), but it costs the bytes before it.
-            self.endpoint
+            self.endpoint(pkg)
                 .stop_splitting(&pkg.path, "answered a range request with the whole file");
         } else if served_end != to {
-            self.endpoint
+            self.endpoint(pkg)
                 .stop_splitting(&pkg.path, "answered a range request with another range");
         }
         let mut at = start;

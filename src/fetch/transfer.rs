@@ -184,7 +184,7 @@ impl Fetcher {
         // bytes and its retries, since a binhost restart is exactly when connects fail.
         let fresh = *have == 0 && !retrying;
         if fresh {
-            self.endpoint.check_online().map_err(Failure::Fatal)?;
+            self.endpoint(pkg).check_online().map_err(Failure::Fatal)?;
         }
         // Split on the first answer: ask for the head only; a 206 for exactly that range says
         // the server does ranges, and the parts are started if this one stream turns out slow.
@@ -199,18 +199,18 @@ impl Fetcher {
             .map(|p| p.start())
             .or(plan.as_ref().map(|(end, _)| *end));
         let mut body = match self
-            .endpoint
+            .endpoint(pkg)
             .transport()
-            .open(&pkg.path, *have, head_end)
+            .open(pkg.remote_path(), *have, head_end)
             .await
         {
             Ok(body) => body,
             Err(e) if e.is_offline() && fresh => {
-                return Err(Failure::Fatal(self.endpoint.went_offline(&e)));
+                return Err(Failure::Fatal(self.endpoint(pkg).went_offline(&e)));
             }
             Err(e) => return Err(Failure::from_open(e, pkg)),
         };
-        self.endpoint.answered();
+        self.endpoint(pkg).answered();
         let served_end = self.checked(pkg, &body, *have)?;
         let mut pending = None;
         let limit = match (head_end, plan) {
@@ -221,7 +221,7 @@ impl Fetcher {
             (Some(end), None) => end,
             (Some(_), Some(_)) => {
                 if body.is_partial() {
-                    self.endpoint
+                    self.endpoint(pkg)
                         .stop_splitting(&pkg.path, "answered a range request with another range");
                 }
                 // One stream: a whole-file answer, or a range that ends elsewhere (the rest

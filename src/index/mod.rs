@@ -14,6 +14,7 @@
 //! directory) are the namespace's business, not this parser's.
 
 mod key;
+pub mod merge;
 mod path;
 
 use bytes::Bytes;
@@ -75,6 +76,23 @@ pub struct Package {
     /// Seconds since the epoch; the mount reports exactly this as st_mtime.
     pub mtime: i64,
     pub digests: Digests,
+    /// Which binhost serves it, and where, when a mount merges several (`merge`).
+    pub origin: Origin,
+}
+
+/// Where a package's bytes come from: the binhost (an index into the mount's list, 0 for a
+/// single binhost) and, if the merge gave it another PATH here, its PATH on that binhost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub binhost: u16,
+    pub path: Option<Box<str>>,
+}
+
+impl Package {
+    /// The PATH to ask the package's binhost for.
+    pub fn remote_path(&self) -> &str {
+        self.origin.path.as_deref().unwrap_or(&self.path)
+    }
 }
 
 /// A parsed index: the exact bytes and the entries they describe.
@@ -150,12 +168,14 @@ impl Index {
 
 /// One block of `KEY: value` lines.
 #[derive(Debug, Default)]
-struct Block<'a> {
-    fields: Vec<(&'a str, &'a str)>,
+pub(crate) struct Block<'a> {
+    pub(crate) fields: Vec<(&'a str, &'a str)>,
+    /// The block's lines as written, without the final newline.
+    pub(crate) text: &'a str,
 }
 
 impl<'a> Block<'a> {
-    fn get(&self, key: &str) -> Option<&'a str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a str> {
         self.fields
             .iter()
             .rev()
@@ -164,15 +184,23 @@ impl<'a> Block<'a> {
     }
 }
 
-struct Blocks<'a> {
+pub(crate) struct Blocks<'a> {
+    all: &'a str,
     lines: std::iter::Enumerate<std::str::Lines<'a>>,
 }
 
 impl<'a> Blocks<'a> {
-    fn new(text: &'a str) -> Self {
+    pub(crate) fn new(text: &'a str) -> Self {
         Blocks {
+            all: text,
             lines: text.lines().enumerate(),
         }
+    }
+
+    /// Where `line` (a slice of `all`) starts and ends in `all`.
+    fn span(&self, line: &str) -> (usize, usize) {
+        let start = line.as_ptr() as usize - self.all.as_ptr() as usize;
+        (start, start + line.len())
     }
 }
 
@@ -181,7 +209,9 @@ impl<'a> Iterator for Blocks<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut block = Block::default();
-        for (n, line) in self.lines.by_ref() {
+        let mut span: Option<(usize, usize)> = None;
+        let all = self.all;
+        while let Some((n, line)) = self.lines.next() {
             if line.len() > MAX_LINE_BYTES {
                 return Some(Err(IndexError::LineTooLong(n + 1)));
             }
@@ -189,8 +219,10 @@ impl<'a> Iterator for Blocks<'a> {
                 if block.fields.is_empty() {
                     continue;
                 }
-                return Some(Ok(block));
+                break;
             }
+            let (s, e) = self.span(line);
+            span = Some((span.map_or(s, |(s0, _)| s0), e));
             let Some((key, rest)) = line.split_once(':') else {
                 return Some(Err(IndexError::BadLine {
                     line: n + 1,
@@ -201,12 +233,13 @@ impl<'a> Iterator for Blocks<'a> {
             let value = rest.get(1..).unwrap_or("");
             block.fields.push((key, value));
         }
+        block.text = span.map_or("", |(s, e)| &all[s..e]);
         (!block.fields.is_empty()).then_some(Ok(block))
     }
 }
 
 impl Package {
-    fn from_block(block: &Block<'_>, default_mtime: i64) -> Result<Package, Rejected> {
+    pub(crate) fn from_block(block: &Block<'_>, default_mtime: i64) -> Result<Package, Rejected> {
         let cpv = block.get("CPV").unwrap_or("").trim();
         let path_field = block.get("PATH").map(str::trim);
         let what = path_field.unwrap_or(cpv).to_string();
@@ -250,6 +283,7 @@ impl Package {
             size,
             mtime,
             digests,
+            origin: Origin::default(),
         })
     }
 }

@@ -79,6 +79,8 @@ impl Endpoint {
         let opts = self.opts.clone().unwrap_or(RemoteOptions {
             connect_timeout: std::time::Duration::from_secs(10),
             stall_timeout: std::time::Duration::from_secs(30),
+            proxy: None,
+            ssh: Default::default(),
         });
         match connect(uri, &opts) {
             Ok(t) => {

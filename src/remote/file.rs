@@ -208,6 +208,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_millis(300),
             ssh: Default::default(),
+            proxy: None,
         };
         let t = LocalDir::new(d.path().to_path_buf(), &opts);
         (d, t)

@@ -20,11 +20,19 @@ pub struct Http {
 
 impl Http {
     pub fn new(mut base: Url, opts: &RemoteOptions) -> Result<Http, TransportError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("binpkgfs/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.stall_timeout)
-            .redirect(reqwest::redirect::Policy::limited(8))
+            .redirect(reqwest::redirect::Policy::limited(8));
+        // A proxy given here replaces the environment's (reqwest reads http_proxy,
+        // https_proxy and no_proxy only when none is set).
+        if let Some(p) = &opts.proxy {
+            let proxy = reqwest::Proxy::all(p)
+                .map_err(|e| TransportError::fatal(format!("proxy {p}: {}", chain(&e))))?;
+            builder = builder.proxy(proxy);
+        }
+        let client = builder
             .build()
             .map_err(|e| TransportError::fatal(format!("{base}: {}", chain(&e))))?;
         if !base.path().ends_with('/') {
@@ -248,6 +256,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
             ssh: Default::default(),
+            proxy: None,
         };
         let h = Http::new(Url::parse("https://h/amd64").unwrap(), &opts).unwrap();
         assert_eq!(

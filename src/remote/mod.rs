@@ -18,6 +18,7 @@ mod content_range;
 mod endpoint;
 mod file;
 mod http;
+mod mirrors;
 mod packages_gz;
 mod ssh;
 
@@ -27,6 +28,7 @@ use bytes::Bytes;
 
 pub use crate::index::Validators;
 pub use endpoint::Endpoint;
+pub use mirrors::{Mirror, Mirrors};
 pub use ssh::{CONTROL_ROOT as SSH_CONTROL_ROOT, SshOptions, option_line as ssh_option_line};
 
 /// What went wrong, as far as deciding what to do next is concerned.
@@ -82,6 +84,9 @@ pub struct RemoteOptions {
     pub stall_timeout: Duration,
     /// For ssh:// binhosts.
     pub ssh: SshOptions,
+    /// An HTTP(S) proxy for every request; `None`: the environment's (`http_proxy`,
+    /// `https_proxy`, `no_proxy`), as reqwest reads them.
+    pub proxy: Option<String>,
 }
 
 /// A binhost as the fetcher and the refresher see it.
@@ -151,6 +156,14 @@ impl Body {
             range: Some((end, total)),
             announced,
             chunks,
+        }
+    }
+
+    /// The same body, its chunks passed through `f` (a mirror watching for a broken body).
+    pub fn map_chunks(self, f: impl FnOnce(Box<dyn Chunks>) -> Box<dyn Chunks>) -> Body {
+        Body {
+            chunks: f(self.chunks),
+            ..self
         }
     }
 
@@ -270,6 +283,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
             ssh: SshOptions::default(),
+            proxy: None,
         }
     }
 

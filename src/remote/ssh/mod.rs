@@ -523,6 +523,7 @@ impl Transport for Ssh {
                 validators: Validators {
                     etag: settled.then_some(tag),
                     last_modified: None,
+                    compressed: false,
                 },
             });
         }
