@@ -39,7 +39,7 @@ use tracing::debug;
 use crate::cache::Store;
 use crate::error::FsError;
 use crate::index::{CacheKey, Package};
-use crate::remote::{Endpoint, RETRY};
+use crate::remote::{Endpoint, ErrorKind, RETRY};
 
 pub use blob::Blob;
 use blob::State;
@@ -112,10 +112,13 @@ impl Fetcher {
         from: u64,
         len: u64,
     ) -> Result<Option<Vec<u8>>, String> {
-        self.endpoint.check_online()?;
+        let mut admission = Some(self.endpoint.admit().await?);
         let mut attempt = 0;
         loop {
-            match self.endpoint.transport().read_range(path, from, len).await {
+            let result = self.endpoint.transport().read_range(path, from, len).await;
+            // The server answered (or did not): a probe's waiters may go on.
+            let probe = admission.take();
+            match result {
                 Ok(data) => {
                     self.endpoint.answered();
                     if data.is_some() {
@@ -123,22 +126,31 @@ impl Fetcher {
                     }
                     return Ok(data);
                 }
-                Err(e) if e.is_offline() => return Err(self.endpoint.went_offline(&e)),
-                Err(e) => match transfer::Failure::from_transport(e) {
-                    transfer::Failure::Retry(reason) => {
-                        attempt += 1;
-                        let Some(backoff) = RETRY.backoff(attempt) else {
-                            return Err(reason);
-                        };
-                        tokio::time::sleep(backoff).await;
-                        debug!(
-                            path,
-                            "ranged read retry {attempt}/{}: {reason}", RETRY.retries
-                        );
+                Err(e) if e.is_offline() => {
+                    let started = probe.unwrap_or_else(|| self.endpoint.admitted());
+                    return Err(self.endpoint.went_offline(&started, &e));
+                }
+                Err(e) => {
+                    self.endpoint.answered();
+                    if e.kind == ErrorKind::NotFound {
+                        self.endpoint.not_found(path);
                     }
-                    transfer::Failure::Fatal(reason) => return Err(reason),
-                    transfer::Failure::WriterGone => return Err("writer stopped".into()),
-                },
+                    match transfer::Failure::from_transport(e) {
+                        transfer::Failure::Retry(reason) => {
+                            attempt += 1;
+                            let Some(backoff) = RETRY.backoff(attempt) else {
+                                return Err(reason);
+                            };
+                            tokio::time::sleep(backoff).await;
+                            debug!(
+                                path,
+                                "ranged read retry {attempt}/{}: {reason}", RETRY.retries
+                            );
+                        }
+                        transfer::Failure::Fatal(reason) => return Err(reason),
+                        transfer::Failure::WriterGone => return Err("writer stopped".into()),
+                    }
+                }
             }
         }
     }

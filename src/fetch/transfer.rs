@@ -183,9 +183,10 @@ impl Fetcher {
         // The breaker only stops new transfers: one already under way (or resuming) keeps its
         // bytes and its retries, since a binhost restart is exactly when connects fail.
         let fresh = *have == 0 && !retrying;
-        if fresh {
-            self.endpoint.check_online().map_err(Failure::Fatal)?;
-        }
+        let admission = match fresh {
+            true => Some(self.endpoint.admit().await.map_err(Failure::Fatal)?),
+            false => None,
+        };
         // Split on the first answer: ask for the head only; a 206 for exactly that range says
         // the server does ranges, and the parts are started if this one stream turns out slow.
         let plan = match split.parts.get() {
@@ -198,19 +199,30 @@ impl Fetcher {
             .get()
             .map(|p| p.start())
             .or(plan.as_ref().map(|(end, _)| *end));
-        let mut body = match self
+        let opened = self
             .endpoint
             .transport()
             .open(&pkg.path, *have, head_end)
-            .await
-        {
+            .await;
+        let mut body = match opened {
             Ok(body) => body,
-            Err(e) if e.is_offline() && fresh => {
-                return Err(Failure::Fatal(self.endpoint.went_offline(&e)));
+            Err(e) if e.is_offline() => {
+                return Err(match admission {
+                    Some(a) => Failure::Fatal(self.endpoint.went_offline(&a, &e)),
+                    None => Failure::Retry(e.message),
+                });
             }
-            Err(e) => return Err(Failure::from_open(e, pkg)),
+            Err(e) => {
+                self.endpoint.answered();
+                if e.kind == ErrorKind::NotFound {
+                    self.endpoint.not_found(&pkg.path);
+                }
+                return Err(Failure::from_open(e, pkg));
+            }
         };
         self.endpoint.answered();
+        // Answered: a probe's waiters may go on while this body streams.
+        drop(admission);
         let served_end = self.checked(pkg, &body, *have)?;
         let mut pending = None;
         let limit = match (head_end, plan) {
@@ -363,14 +375,14 @@ impl Failure {
         }
     }
 
-    /// What a failed request means for the transfer. A file the server says is not there
-    /// is retried like a transient fault (a binhost may be publishing it right now).
+    /// What a failed request means for the transfer. A file the server says is not there is
+    /// an answer, not a transient fault: the reader gets `EIO` at once, and the caller tells
+    /// the endpoint, which hides the file like an absent file of a local PKGDIR (issue 11.5:
+    /// retrying a 404 cost 9 requests and 7 s per file, and made emerge's scan fail).
     pub(super) fn from_transport(e: TransportError) -> Failure {
         match e.kind {
-            ErrorKind::Retryable | ErrorKind::Offline | ErrorKind::NotFound => {
-                Failure::Retry(e.message)
-            }
-            ErrorKind::Fatal => Failure::Fatal(e.message),
+            ErrorKind::Retryable | ErrorKind::Offline => Failure::Retry(e.message),
+            ErrorKind::Fatal | ErrorKind::NotFound => Failure::Fatal(e.message),
         }
     }
 }

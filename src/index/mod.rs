@@ -15,12 +15,14 @@
 
 mod key;
 mod path;
+mod render;
 
 use bytes::Bytes;
 
 pub use crate::verify::Digests;
 pub use key::CacheKey;
 pub use path::check_path;
+pub use render::render;
 
 /// Largest index we accept. A real 50,000-package binhost is about 26 MB.
 pub const MAX_INDEX_BYTES: usize = 512 << 20;
@@ -69,10 +71,39 @@ pub struct Package {
     pub path: Box<str>,
     pub cpv: Box<str>,
     pub build_id: Option<u64>,
+    pub build_time: Option<u64>,
     pub size: u64,
     /// Seconds since the epoch; the mount reports exactly this as st_mtime.
     pub mtime: i64,
     pub digests: Digests,
+    /// Where this entry's block is in its index's text (`Index::block`), to serve it verbatim.
+    pub span: (usize, usize),
+}
+
+/// Portage's instance key of a binary package (`CPV`, `BUILD_ID`, `SIZE`, `BUILD_TIME`,
+/// `MTIME`), as emerge's merge list names it: how emerge finds "its" entry in `Packages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub cpv: String,
+    pub build_id: Option<u64>,
+    pub build_time: Option<u64>,
+    pub size: Option<u64>,
+    pub mtime: Option<i64>,
+}
+
+impl Instance {
+    /// Whether `pkg` is this instance. `BUILD_ID` must agree exactly (absent on both sides in a
+    /// flat layout); `SIZE`, `MTIME` and `BUILD_TIME` where the merge list gives them.
+    pub fn matches(&self, pkg: &Package) -> bool {
+        *pkg.cpv == *self.cpv
+            && pkg.build_id == self.build_id
+            && self.size.is_none_or(|s| s == pkg.size)
+            && self.mtime.is_none_or(|m| m == pkg.mtime)
+            && match (self.build_time, pkg.build_time) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 /// A parsed index: the exact bytes and the entries they describe.
@@ -84,6 +115,8 @@ pub struct Index {
     pub ttl: Option<u64>,
     pub packages: Vec<Package>,
     pub rejected: Vec<Rejected>,
+    /// Where the header block is in the text.
+    pub header_span: (usize, usize),
 }
 
 impl Index {
@@ -108,6 +141,7 @@ impl Index {
             ttl: None,
             packages: Vec::new(),
             rejected: Vec::new(),
+            header_span: (header.start, header.end),
         };
         for (key, value) in &header.fields {
             match *key {
@@ -141,10 +175,12 @@ impl Index {
     }
 }
 
-/// One block of `KEY: value` lines.
+/// One block of `KEY: value` lines, and where it is in the text (`end` after its last newline).
 #[derive(Debug, Default)]
 struct Block<'a> {
     fields: Vec<(&'a str, &'a str)>,
+    start: usize,
+    end: usize,
 }
 
 impl<'a> Block<'a> {
@@ -158,13 +194,16 @@ impl<'a> Block<'a> {
 }
 
 struct Blocks<'a> {
-    lines: std::iter::Enumerate<std::str::Lines<'a>>,
+    lines: std::iter::Enumerate<std::str::SplitInclusive<'a, char>>,
+    /// Byte offset of the next line.
+    at: usize,
 }
 
 impl<'a> Blocks<'a> {
     fn new(text: &'a str) -> Self {
         Blocks {
-            lines: text.lines().enumerate(),
+            lines: text.split_inclusive('\n').enumerate(),
+            at: 0,
         }
     }
 }
@@ -174,7 +213,12 @@ impl<'a> Iterator for Blocks<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut block = Block::default();
-        for (n, line) in self.lines.by_ref() {
+        for (n, whole) in self.lines.by_ref() {
+            let start = self.at;
+            self.at += whole.len();
+            // As `str::lines`: without the newline and a `\r` before it.
+            let line = whole.strip_suffix('\n').unwrap_or(whole);
+            let line = line.strip_suffix('\r').unwrap_or(line);
             if line.len() > MAX_LINE_BYTES {
                 return Some(Err(IndexError::LineTooLong(n + 1)));
             }
@@ -184,6 +228,10 @@ impl<'a> Iterator for Blocks<'a> {
                 }
                 return Some(Ok(block));
             }
+            if block.fields.is_empty() {
+                block.start = start;
+            }
+            block.end = self.at;
             let Some((key, rest)) = line.split_once(':') else {
                 return Some(Err(IndexError::BadLine {
                     line: n + 1,
@@ -230,6 +278,7 @@ impl Package {
             None => default_mtime,
         };
         let build_id = block.get("BUILD_ID").and_then(|b| b.trim().parse().ok());
+        let build_time = block.get("BUILD_TIME").and_then(|b| b.trim().parse().ok());
         let digests = Digests {
             md5: hex_field(block, "MD5").map_err(reject)?,
             sha1: hex_field(block, "SHA1").map_err(reject)?,
@@ -240,9 +289,11 @@ impl Package {
             path: path.into(),
             cpv: cpv.into(),
             build_id,
+            build_time,
             size,
             mtime,
             digests,
+            span: (block.start, block.end),
         })
     }
 }

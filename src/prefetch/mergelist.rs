@@ -37,14 +37,8 @@ use crate::namespace::{Namespace, ROOT_INO};
 /// Packages fetched at once by one batch (a reader's own transfer comes on top).
 const PARALLEL: usize = 2;
 
-/// One `resume.binpkgs` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub cpv: String,
-    pub build_id: Option<u64>,
-    pub size: Option<u64>,
-    pub mtime: Option<i64>,
-}
+/// One `resume.binpkgs` entry: the package's instance key.
+pub use crate::index::Instance as Entry;
 
 /// The parts of `mtimedb` that matter here.
 #[derive(Debug, PartialEq)]
@@ -53,6 +47,9 @@ pub struct MergeList {
     pub key: Value,
     /// Entries still to be merged, in merge order.
     pub entries: Vec<Entry>,
+    /// Every entry of `binpkgs`, merged or not: what the index must keep serving until the
+    /// merge ends (see `lifecycle`).
+    pub all: Vec<Entry>,
 }
 
 /// Parses `mtimedb`. `Ok(None)`: no merge in progress.
@@ -77,21 +74,27 @@ pub fn parse(raw: &[u8]) -> Result<Option<MergeList>, String> {
                     .filter_map(|x| x.get(2).and_then(Value::as_str))
                     .collect()
             });
-    let entries = binpkgs
+    let all: Vec<Entry> = binpkgs
         .iter()
         .filter_map(|e| {
             Some(Entry {
                 cpv: e.get("CPV")?.as_str()?.to_string(),
                 build_id: number(e.get("BUILD_ID")),
+                build_time: number(e.get("BUILD_TIME")),
                 size: number(e.get("SIZE")),
                 mtime: number(e.get("MTIME")),
             })
         })
+        .collect();
+    let entries = all
+        .iter()
         .filter(|e| pending.as_ref().is_none_or(|p| p.contains(e.cpv.as_str())))
+        .cloned()
         .collect();
     Ok(Some(MergeList {
         key: Value::Array(binpkgs.clone()),
         entries,
+        all,
     }))
 }
 
@@ -150,7 +153,9 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
         }
     };
     changes.mark_unchanged();
+    // The list found now is not acted on (see the module comment), for the hold neither.
     let mut last = read(&mtimedb).await.ok().flatten().map(|m| m.key);
+    let mut holding = false;
     info!(path = %mtimedb.display(), "watching emerge's merge list for prefetching");
     let mut batch: Option<JoinHandle<()>> = None;
     while changes.changed().await.is_ok() {
@@ -159,14 +164,25 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
             // The merge ended (or the file is gone): the same list later is a new merge.
             Ok(None) => {
                 last = None;
+                if std::mem::take(&mut holding) {
+                    lifecycle.merge_list(None);
+                }
                 continue;
             }
             // Half-written or foreign: keep what we know and wait for the next change.
             Err(()) => continue,
         };
         if last.as_ref() == Some(&list.key) {
+            if holding {
+                // Still merging: the hold's idle bound starts again.
+                lifecycle.merge_list(Some(&list.all));
+            }
             continue;
         }
+        // Before prefetching: the entries this merge resolved stay served (and prefetched)
+        // even if a release replaced them in the meantime.
+        lifecycle.merge_list(Some(&list.all));
+        holding = true;
         last = Some(list.key);
         let ns = lifecycle.ns.current();
         let packages = resolve(&ns, &list.entries);
@@ -321,6 +337,7 @@ mod tests {
             [Entry {
                 cpv: "a/x-1".into(),
                 build_id: Some(2),
+                build_time: Some(5),
                 size: Some(20),
                 mtime: Some(60)
             }]
@@ -338,6 +355,7 @@ mod tests {
         let e = |cpv: &str, build_id, size, mtime| Entry {
             cpv: cpv.into(),
             build_id,
+            build_time: None,
             size,
             mtime,
         };
