@@ -258,7 +258,7 @@ impl Lifecycle {
                         if before != Some(held.len()) && !held.is_empty() {
                             info!(
                                 held = held.len(),
-                                "merge in progress: holding the entries it resolved beside newer ones"
+                                "merge in progress: its entries stay served until it ends"
                             );
                         }
                         p.hold = Some(Hold {
@@ -402,20 +402,25 @@ impl Published {
         ns
     }
 
-    /// The entries of a merge list that are not in the current index: found in the entries
-    /// held already, else in the previous indexes.
+    /// The entries of a merge list, found in the current index, else among the entries held
+    /// already, else in the previous indexes. All are kept (not only those a release already
+    /// replaced): the next release may come at any moment. `namespace` serves a held entry
+    /// only while the current index lacks it.
     fn resolve_hold(&self, entries: &[Instance]) -> Vec<(Arc<Index>, usize)> {
         let mut out: Vec<(Arc<Index>, usize)> = Vec::new();
         for e in entries {
-            if self.upstream.placed().any(|(_, p)| e.matches(p)) {
-                continue;
-            }
+            let current = self
+                .upstream
+                .placed
+                .iter()
+                .map(|&i| (self.upstream.index.clone(), i));
             let held = self.hold.iter().flat_map(|h| &h.entries).cloned();
             let previous = self
                 .previous
                 .iter()
                 .flat_map(|(_, up)| up.placed.iter().map(|&i| (up.index.clone(), i)));
-            let found = held
+            let found = current
+                .chain(held)
                 .chain(previous)
                 .find(|(index, i)| e.matches(&index.packages[*i]));
             if let Some(found) = found
@@ -515,12 +520,14 @@ mod tests {
         let mut p = published(index(OLD));
         let merge = [instance("a/x-1", 1, 10), instance("b/y-1", 1, 20)];
         hold(&mut p, &merge);
-        assert!(
-            p.hold.as_ref().unwrap().entries.is_empty(),
-            "nothing to hold yet"
+        let raw = p.upstream.index.raw.clone();
+        assert_eq!(
+            p.namespace(&[]).index.raw,
+            raw,
+            "nothing beside the index yet"
         );
+        // The release comes mid-merge: no new merge list, the held entries stay.
         release(&mut p, index(NEW));
-        hold(&mut p, &merge);
         let ns = p.namespace(&[]);
         let got = served(&ns);
         assert_eq!(got.len(), 4, "{got:?}");
