@@ -302,6 +302,12 @@ impl Lifecycle {
         let since = (since != Validators::default()).then_some(since);
         let (result, validators) = match self.remote.transport().fetch_index(since.as_ref()).await {
             Ok(IndexFetch::NotModified) => ("not modified".to_string(), since.unwrap_or_default()),
+            Ok(IndexFetch::Fresh { raw, validators })
+                if raw == self.published.lock().unwrap().upstream.index.raw =>
+            {
+                // A server without validators: the same bytes are not a new index.
+                ("not modified (same bytes)".to_string(), validators)
+            }
             Ok(IndexFetch::Fresh { raw, validators }) => match Index::parse(raw.clone()) {
                 Ok(index) => {
                     let current = self.ns.current().index.timestamp;
