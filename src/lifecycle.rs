@@ -57,6 +57,12 @@ pub const HOLD_IDLE: Duration = Duration::from_secs(6 * 3600);
 /// long (emerge resolves against the index it read, maybe before a refresh).
 const RETAIN: usize = 2;
 const RETAIN_FOR: Duration = Duration::from_secs(3600);
+/// Once the binhost is seen listing a file it does not have, the other files of the index
+/// that are not cached are checked too (a 1-byte ranged request each, this many at once), so
+/// that a second scan finds the tree as a local copy would be: Portage's untrusted scan dies
+/// at the first unreadable file (issue 11.5). Not on an index larger than `SWEEP_MAX`.
+const SWEEP_PARALLEL: usize = 4;
+const SWEEP_MAX: usize = 5000;
 
 pub struct Lifecycle {
     pub remote: Arc<Endpoint>,
@@ -65,6 +71,8 @@ pub struct Lifecycle {
     pub ns: Arc<Snapshot>,
     pub last: Mutex<RefreshState>,
     published: Mutex<Published>,
+    /// Whether the current index was checked for missing files (see `SWEEP_MAX`).
+    swept: std::sync::atomic::AtomicBool,
 }
 
 /// What the served tree is made of (see the module comment).
@@ -199,6 +207,7 @@ impl Lifecycle {
                 validators,
             }),
             published: Mutex::new(published),
+            swept: Default::default(),
         })
     }
 
@@ -229,13 +238,63 @@ impl Lifecycle {
                         if changed.is_err() {
                             return;
                         }
+                        // Coalesce a burst of reports into one rebuild.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        missing.borrow_and_update();
                         self.publish();
+                        if !self.swept.swap(true, std::sync::atomic::Ordering::Relaxed)
+                            && !self.remote.missing().is_empty()
+                        {
+                            tokio::spawn(self.clone().sweep());
+                        }
                     }
                 }
             }
             self.refresh().await;
             self.publish();
         }
+    }
+
+    /// Checks every uncached file of the index with a 1-byte ranged request; the ones the
+    /// binhost does not have are hidden like the one that started it (see `SWEEP_MAX`).
+    async fn sweep(self: Arc<Self>) {
+        let up = self.published.lock().unwrap().upstream.clone();
+        let known: HashSet<String> = self.remote.missing().into_iter().collect();
+        let todo: Vec<String> = up
+            .placed()
+            .filter(|(_, p)| !known.contains(&*p.path) && !self.store.contains(&p.cache_key()))
+            .map(|(_, p)| p.path.to_string())
+            .collect();
+        if todo.len() > SWEEP_MAX {
+            info!(
+                files = todo.len(),
+                "the binhost lists a file it does not have; too many files to check the others"
+            );
+            return;
+        }
+        info!(
+            files = todo.len(),
+            "the binhost lists a file it does not have; checking the other uncached files"
+        );
+        let slots = Arc::new(tokio::sync::Semaphore::new(SWEEP_PARALLEL));
+        let mut checks = tokio::task::JoinSet::new();
+        for path in todo {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let me = self.clone();
+            checks.spawn(async move {
+                let answer = me.remote.transport().read_range(&path, 0, 1).await;
+                drop(slot);
+                if let Err(e) = answer
+                    && e.kind == crate::remote::ErrorKind::NotFound
+                {
+                    warn!(%path, "listed in the index but not on the binhost: hidden");
+                    me.remote.not_found(&path);
+                }
+            });
+        }
+        while checks.join_next().await.is_some() {}
     }
 
     /// Emerge's merge list changed: `Some(entries)` while a merge runs (every binary package
@@ -333,6 +392,8 @@ impl Lifecycle {
                         }
                         // A new index: every file it names gets a fresh chance.
                         self.remote.forget_missing();
+                        self.swept
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
                         self.publish();
                         info!(packages, "index refreshed");
                         ("updated".to_string(), validators)

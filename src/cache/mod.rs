@@ -289,7 +289,7 @@ impl Store {
         }
     }
 
-    #[cfg(test)]
+    /// Whether a verified entry for `key` is in the cache.
     pub fn contains(&self, key: &CacheKey) -> bool {
         self.inner.lock().unwrap().lru.contains(key)
     }
