@@ -173,7 +173,7 @@ impl Fetcher {
         {
             return Ok(blob);
         }
-        if let Some(file) = self.store.open_object(&key)? {
+        if let Some(file) = self.store.open_object(&key, pkg.size)? {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             let (_, state) = watch::channel(State::Complete);
             let blob = self.blob(key, pkg, None, state, None);

@@ -238,18 +238,25 @@ async fn read(path: &Path) -> Result<Option<MergeList>, ()> {
     parsed.map_err(|e| debug!("merge list {e}"))
 }
 
-/// Fetches `packages` in order, `PARALLEL` at a time, up to `limit` bytes.
-async fn run_batch(fetcher: Arc<Fetcher>, listed: usize, packages: Vec<Package>, limit: u64) {
+/// The first of `packages` that fit in `limit` bytes together. Saturating: SIZE comes from
+/// the index, and a hostile one may be near u64::MAX.
+fn within(packages: Vec<Package>, limit: u64) -> Vec<Package> {
     let mut total = 0u64;
-    let matched = packages.len();
-    let packages: Vec<Package> = packages
+    packages
         .into_iter()
         .take_while(|p| {
-            total += p.size;
+            total = total.saturating_add(p.size);
             total <= limit
         })
-        .collect();
-    let (fetching, bytes) = (packages.len(), packages.iter().map(|p| p.size).sum::<u64>());
+        .collect()
+}
+
+/// Fetches `packages` in order, `PARALLEL` at a time, up to `limit` bytes.
+async fn run_batch(fetcher: Arc<Fetcher>, listed: usize, packages: Vec<Package>, limit: u64) {
+    let matched = packages.len();
+    let packages = within(packages, limit);
+    let fetching = packages.len();
+    let bytes = packages.iter().fold(0u64, |n, p| n.saturating_add(p.size));
     info!(
         listed,
         matched, fetching, bytes, "prefetching the merge list"
@@ -347,6 +354,19 @@ mod tests {
         for garbage in [&b""[..], b"{\"resume\": {\"binp", b"\x00\x01", b"[1, 2"] {
             assert!(parse(garbage).is_err());
         }
+    }
+
+    #[test]
+    fn a_hostile_size_does_not_overflow_the_batch_limit() {
+        let index = crate::index::Index::parse(Bytes::from(format!(
+            "TIMESTAMP: 1\n\nCPV: a/x-1\nPATH: a/x-1.tbz2\nSIZE: 10\n\n\
+             CPV: a/y-1\nPATH: a/y-1.tbz2\nSIZE: {}\n",
+            u64::MAX - 5
+        )))
+        .unwrap();
+        let got = within(index.packages.clone(), u64::MAX / 2);
+        assert_eq!(got.len(), 1);
+        assert_eq!(within(index.packages, u64::MAX).len(), 2);
     }
 
     #[test]
