@@ -381,3 +381,98 @@ fn size_of(packages: &str, cpv: &str) -> String {
         .map(|e| e["SIZE"].clone())
         .unwrap_or_default()
 }
+
+/// (b) A release during dependency calculation: emerge has read `Packages` and resolved, the
+/// binhost publishes, the new index is swapped in, and only then does emerge write its merge
+/// list (naming builds the current index no longer has) and merge. The window is held open
+/// with `emerge --ask` (on a pty, as it insists), answered once the release is served.
+#[test]
+fn a_release_between_resolving_and_merging_lets_the_merge_finish() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    for mode in MODES {
+        let s = Setup::new(mode, &[]);
+        let venv = support::portage_venv();
+        let root = s.sandbox.root();
+        let transcript = root.join("capture/ask.out");
+        let emerge = format!(
+            "{} --ask --oneshot --usepkgonly app-misc/binpkgfs-demo",
+            venv.join("bin/emerge").display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qefc", &emerge])
+            .arg(&transcript)
+            .env("PORTAGE_OVERRIDE_EPREFIX", root)
+            .env(
+                "PORTAGE_REPOSITORIES",
+                format!(
+                    "[DEFAULT]\nmain-repo = binpkgfs-test\n[binpkgfs-test]\nlocation = {}\n",
+                    support::fixture_repo().display()
+                ),
+            )
+            .env("FEATURES", "")
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    venv.join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env_remove("ROOT")
+            .env_remove("PORTAGE_CONFIGROOT")
+            .env_remove("PKGDIR")
+            .env_remove("PORTAGE_BINHOST")
+            .env_remove("EMERGE_DEFAULT_OPTS")
+            .current_dir(root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run emerge --ask under script(1)");
+        let said = || fs::read_to_string(&transcript).unwrap_or_default();
+        let asked = wait_until(EMERGE_TIMEOUT, || {
+            said().contains("Would you like to merge")
+        });
+        if !asked {
+            let _ = child.kill();
+            panic!("{mode:?}: emerge --ask never asked:\n{}", said());
+        }
+        publish(s.binhost.path(), Release::NewBuilds);
+        let swapped = wait_until(Duration::from_secs(30), || {
+            s.served_builds(CHAIN[1]) == ["2"]
+        });
+        assert!(swapped, "{mode:?}: the release was not served\n{}", s.log());
+        child.stdin.as_mut().unwrap().write_all(b"Yes\n").unwrap();
+        let mut status = None;
+        wait_until(EMERGE_TIMEOUT, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("{mode:?}: emerge did not finish:\n{}", said());
+        };
+        assert!(
+            status.success(),
+            "{mode:?}: emerge failed after a release while it resolved:\n{}\ndaemon log:\n{}",
+            said(),
+            s.log()
+        );
+        assert_eq!(s.sandbox.installed().len(), CHAIN.len(), "{mode:?}");
+        assert!(
+            s.log().contains("its entries stay served until it ends"),
+            "{mode:?}: the merge's entries were not held:\n{}",
+            s.log()
+        );
+        assert_eq!(
+            s.release_fetches(),
+            Vec::<String>::new(),
+            "{mode:?}: the merge read files of a build it did not resolve"
+        );
+        let alone = wait_until(TTL + Duration::from_secs(3), || {
+            CHAIN.iter().all(|cpv| s.served_builds(cpv) == ["2"])
+        });
+        assert!(alone, "{mode:?}: the held builds outlived the merge");
+    }
+}
