@@ -1009,9 +1009,10 @@ fn a_large_package_comes_as_parallel_ranges_and_is_checked_as_one_file() {
     // One stream when the first one is fast: the head ends where the parts would have
     // started, and the rest comes as one open-ended request. Whether loopback counts as fast
     // is timing (a busy machine can stall a stream for milliseconds), so one unsplit read in
-    // three fresh mounts is asked for; a fetcher that always split would fail all three.
+    // five fresh mounts is asked for; a fetcher that always split would fail all five. The
+    // decision itself is tested with a clock the test controls (`fetch::split` unit tests).
     let mut seen = Vec::new();
-    let unsplit = (0..3).any(|_| {
+    let unsplit = (0..5).any(|_| {
         let (case, good, _dir) = mount_large(Fault::Honest, &[]);
         case.server.pace(0);
         assert!(fs::read(case.mount.path().join(BIG)).unwrap() == good);
@@ -1132,9 +1133,13 @@ fn a_package_fetched_while_another_transfer_runs_is_not_split() {
     let mut head = vec![0u8; 2 << 20];
     slow.read_exact(&mut head).unwrap();
     assert!(head == good[..2 << 20]);
+    // The split is decided one `PROBE` window into the head's stream, which can be just after
+    // these 2 MiB arrived (and later still on a busy machine: issue 11.6): wait for it, with
+    // room to spare, instead of looking at once.
     assert!(
-        parts_asked(&server).len() >= 2,
-        "the first, alone, was split"
+        wait_until(Duration::from_secs(20), || parts_asked(&server).len() >= 2),
+        "the first, alone, was not split: {:?}",
+        parts_asked(&server)
     );
     assert!(fs::read(mount.path().join(other)).unwrap() == good);
     let reqs = server.requests_for(&format!("/{other}"));

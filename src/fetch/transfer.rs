@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::checks::{check_answer, clip, expect_end, short_answer};
-use super::split::{PROBE, SPLIT_BELOW, Split};
+use super::split::{RateProbe, Split};
 use super::writer::write_and_verify;
 use super::{Blob, Fetcher, State};
 use crate::index::Package;
@@ -243,13 +243,9 @@ impl Fetcher {
             (None, _) => pkg.size,
         };
         let start = *have;
-        // While the plan is pending, the head's rate is measured over each `PROBE` bytes,
-        // from its first chunk on (a server slow to start answering is not a slow stream), as
-        // bytes per second spent waiting for the network (time the writer holds us up is a
-        // busy CPU, which parts would not help): the first window slower than `SPLIT_BELOW`
-        // starts the parts. Every window, not just the first: nginx's `limit_rate` lets a
-        // first burst through at full speed before it caps.
-        let mut window: Option<(u64, Duration)> = None;
+        // While the plan is pending, the first `RateProbe` window slower than `SPLIT_BELOW`
+        // starts the parts.
+        let mut probe = RateProbe::default();
         let progress = |at: u64, waited: Duration| {
             // A part that gave up means the file cannot be completed: say so now, not after
             // the head is in.
@@ -259,20 +255,11 @@ impl Fetcher {
             if pending.is_none() {
                 return Ok(());
             }
-            let Some((from, spent)) = &mut window else {
-                window = Some((at, Duration::ZERO));
-                return Ok(());
-            };
-            *spent += waited;
-            if at - *from >= PROBE {
-                let rate = (at - *from) as f64 / spent.as_secs_f64().max(1e-6);
-                if rate < SPLIT_BELOW
-                    && let Some(segs) = pending.take()
-                {
-                    debug!(path = %pkg.path, mbps = format!("{:.1}", rate / 1e6), "one stream is slow: split");
-                    self.start_parts(pkg, segs, split);
-                }
-                window = Some((at, Duration::ZERO));
+            if probe.slow_after(at, waited)
+                && let Some(segs) = pending.take()
+            {
+                debug!(path = %pkg.path, "one stream is slow: split");
+                self.start_parts(pkg, segs, split);
             }
             Ok(())
         };
