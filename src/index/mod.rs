@@ -7,8 +7,9 @@
 //! * every `Package` it hands out has a `PATH` that is safe to place under the mount point
 //!   (relative, no `.`/`..`/empty components, no NUL or control characters, sane lengths) and a
 //!   `SIZE`; anything else is refused with a warning naming the entry, never a panic;
-//! * the raw bytes are kept unchanged, so the `Packages` file the mount serves is byte-identical
-//!   to the binhost's.
+//! * the raw bytes are kept unchanged, and every entry knows where its block is (`span`), so
+//!   the `Packages` file the mount serves is the binhost's byte for byte, or rendered from its
+//!   blocks verbatim when entries are left out or held (`render`, see `lifecycle`).
 //!
 //! Collisions between entries (two entries at one PATH, a file where another entry needs a
 //! directory) are the namespace's business, not this parser's.

@@ -8,6 +8,9 @@
 //! `Fetcher::fetch_whole`, which shares a transfer with any reader: the package emerge is
 //! reading right now already has its transfer, and nothing crosses the network twice.
 //!
+//! Every change of the list is also handed to `Lifecycle::merge_list`, which keeps the entries
+//! of the running merge served across a binhost release until the list ends (issue 11.3).
+//!
 //! Rules:
 //! * the list found at mount time is not acted on: it may be an abandoned merge, and a restart
 //!   must not start gigabytes of downloads nobody asked for (`emerge --resume` writes anew);
