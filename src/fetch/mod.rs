@@ -76,6 +76,9 @@ pub struct Fetcher {
     recent: Mutex<VecDeque<Arc<Blob>>>,
     /// Connections one large whole transfer may use (see `segment`).
     streams: usize,
+    /// A head slower than this (bytes per second spent waiting) is split; `split::SPLIT_BELOW`
+    /// unless a test sets another (`with_split_below`).
+    split_below: f64,
     pub stats: Stats,
 }
 
@@ -90,11 +93,19 @@ impl Fetcher {
             active: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
             streams: 1,
+            split_below: split::SPLIT_BELOW,
             stats: Stats::default(),
         }
     }
 
     /// Lets a large whole transfer use up to `n` connections as parallel ranges.
+    /// Sets the rate under which a lone head is split (bytes per second spent waiting for the
+    /// network): the seam a test uses to make the decision independent of machine speed.
+    pub fn with_split_below(mut self, bytes_per_sec: f64) -> Self {
+        self.split_below = bytes_per_sec;
+        self
+    }
+
     pub fn with_streams(mut self, n: usize) -> Self {
         self.streams = n.max(1);
         self

@@ -37,12 +37,21 @@ pub(super) const SPLIT_BELOW: f64 = 64.0 * 1024.0 * 1024.0;
 /// not help). Every window counts, not just the first: nginx's `limit_rate` lets a first burst
 /// through at full speed before it caps. Fed positions and waits by the caller, so the
 /// decision is tested with a clock the test controls (issue 11.6).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct RateProbe {
     window: Option<(u64, std::time::Duration)>,
+    /// `SPLIT_BELOW`, or what a test set.
+    below: f64,
 }
 
 impl RateProbe {
+    pub(super) fn new(below: f64) -> RateProbe {
+        RateProbe {
+            window: None,
+            below,
+        }
+    }
+
     /// A chunk arrived: the transfer is at byte `at`, after waiting `waited` for it. `true`
     /// when a window just closed slower than `SPLIT_BELOW`.
     pub(super) fn slow_after(&mut self, at: u64, waited: std::time::Duration) -> bool {
@@ -56,7 +65,7 @@ impl RateProbe {
         }
         let rate = (at - *from) as f64 / spent.as_secs_f64().max(1e-6);
         self.window = Some((at, std::time::Duration::ZERO));
-        rate < SPLIT_BELOW
+        rate < self.below
     }
 }
 
@@ -227,7 +236,7 @@ mod tests {
     /// Feeds `chunks` of `len` bytes, each waited for `wait`; the byte at which a window
     /// closed slow, if any.
     fn first_slow(len: u64, wait: Duration, chunks: u64) -> Option<u64> {
-        let mut probe = RateProbe::default();
+        let mut probe = RateProbe::new(SPLIT_BELOW);
         (1..=chunks)
             .map(|n| n * len)
             .find(|&at| probe.slow_after(at, wait))
@@ -246,7 +255,7 @@ mod tests {
         );
         // A stall inside one window of an otherwise fast stream: 16 chunks at 0.1 ms and one
         // at 20 ms make 1 MiB in 21.5 ms, under 64 MiB/s: slow.
-        let mut probe = RateProbe::default();
+        let mut probe = RateProbe::new(SPLIT_BELOW);
         assert!(!probe.slow_after(chunk, Duration::ZERO));
         let mut slow = false;
         for n in 2..=17 {

@@ -245,7 +245,7 @@ impl Fetcher {
         let start = *have;
         // While the plan is pending, the first `RateProbe` window slower than `SPLIT_BELOW`
         // starts the parts.
-        let mut probe = RateProbe::default();
+        let mut probe = RateProbe::new(self.split_below);
         let progress = |at: u64, waited: Duration| {
             // A part that gave up means the file cannot be completed: say so now, not after
             // the head is in.
