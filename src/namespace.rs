@@ -143,6 +143,14 @@ impl Namespace {
         Some((parent, children.iter().map(|&id| &self.nodes[id as usize])))
     }
 
+    /// The entries of `index.packages` the tree shows (in index order), by position.
+    pub fn placed(&self) -> impl Iterator<Item = usize> + '_ {
+        self.nodes.iter().filter_map(|n| match n.kind {
+            NodeKind::Package(i) => Some(i as usize),
+            _ => None,
+        })
+    }
+
     pub fn package(&self, node: &Node) -> Option<&Package> {
         match node.kind {
             NodeKind::Package(i) => self.index.packages.get(i as usize),

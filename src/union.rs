@@ -24,7 +24,6 @@ use crate::index::{Index, Rejected};
 use crate::lifecycle::{Lifecycle, RefreshState};
 use crate::namespace::Namespace;
 use crate::remote::{self, Endpoint, Mirror, Mirrors, RemoteOptions};
-use crate::snapshot::Snapshot;
 
 pub struct Binhost {
     pub repo: BinRepo,
@@ -53,6 +52,7 @@ fn empty_index() -> Index {
         timestamp: None,
         ttl: None,
         uri: None,
+        header_span: (0, 0),
         packages: Vec::new(),
         rejected: Vec::new(),
     }
@@ -65,17 +65,7 @@ fn lifecycle_with(
     index: Index,
     result: String,
 ) -> Lifecycle {
-    Lifecycle {
-        remote: endpoint,
-        store,
-        url,
-        ns: Arc::new(Snapshot::new(Namespace::build(Arc::new(index)).0)),
-        last: Mutex::new(RefreshState {
-            at: SystemTime::now(),
-            result,
-            validators: Default::default(),
-        }),
-    }
+    Lifecycle::with_index(endpoint, store, url, index, result, Default::default())
 }
 
 impl Union {
@@ -270,7 +260,7 @@ impl Union {
                     "priority": b.repo.priority,
                     "urls": b.repo.mirrors,
                     "frozen": b.repo.frozen,
-                    "online": b.endpoint.check_online().is_ok()
+                    "online": b.endpoint.is_online()
                         && !last.result.starts_with("failed")
                         && !last.result.starts_with("offline"),
                     "timestamp": index.timestamp,

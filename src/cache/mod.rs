@@ -169,8 +169,10 @@ impl Store {
         self.objects.join(&key.0)
     }
 
-    /// Opens a complete entry, if there is one, and marks it most recently used.
-    pub fn open_object(&self, key: &CacheKey) -> io::Result<Option<File>> {
+    /// Opens a complete entry of `size` bytes (its index SIZE), if there is one, and marks it
+    /// most recently used. An entry of another length (a damaged disk, a truncated file) is
+    /// deleted and reported absent, so it is fetched again and never served short.
+    pub fn open_object(&self, key: &CacheKey, size: u64) -> io::Result<Option<File>> {
         let file = match File::open(self.object_path(key)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -183,12 +185,24 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
+        let len = file.metadata()?.len();
+        if len != size {
+            warn!(
+                key = %key,
+                len, size, "cache entry has the wrong length (damaged?); dropping it"
+            );
+            let _ = fs::remove_file(self.object_path(key));
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(had) = inner.lru.pop(key) {
+                inner.total -= had;
+            }
+            return Ok(None);
+        }
         {
             let mut inner = self.inner.lock().unwrap();
             if inner.lru.get(key).is_none() {
-                let size = file.metadata()?.len();
-                inner.total += size;
-                inner.lru.put(key.clone(), size);
+                inner.total += len;
+                inner.lru.put(key.clone(), len);
             }
         }
         // Persist the LRU order for the next start; failure only costs ordering.
@@ -289,7 +303,7 @@ impl Store {
         }
     }
 
-    #[cfg(test)]
+    /// Whether a verified entry for `key` is in the cache.
     pub fn contains(&self, key: &CacheKey) -> bool {
         self.inner.lock().unwrap().lru.contains(key)
     }
@@ -312,12 +326,33 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_shorter_than_its_size_is_dropped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        put(&store, &key(1), 100);
+        // The disk lost the file's tail.
+        let path = dir.path().join("objects").join(&key(1).0);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(60)
+            .unwrap();
+        assert!(store.open_object(&key(1), 100).unwrap().is_none());
+        assert!(!path.exists(), "the damaged entry is deleted");
+        assert!(!store.contains(&key(1)));
+        assert_eq!(store.usage().bytes, 0);
+        put(&store, &key(2), 100);
+        assert!(store.open_object(&key(2), 100).unwrap().is_some());
+    }
+
+    #[test]
     fn evicts_least_recently_used_unpinned() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 250).unwrap();
         put(&store, &key(1), 100);
         put(&store, &key(2), 100);
-        assert!(store.open_object(&key(1)).unwrap().is_some()); // 1 is now most recent
+        assert!(store.open_object(&key(1), 100).unwrap().is_some()); // 1 is now most recent
         put(&store, &key(3), 100); // over the limit: 2 goes
         assert!(store.contains(&key(1)) && store.contains(&key(3)));
         assert!(!store.contains(&key(2)));

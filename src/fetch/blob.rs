@@ -55,7 +55,7 @@ impl Blob {
         if offset >= self.pkg.size {
             return Ok(Vec::new());
         }
-        let end = self.pkg.size.min(offset + u64::from(size));
+        let end = self.pkg.size.min(offset.saturating_add(u64::from(size)));
         if let Some(data) = self.read_sparse(offset, end).await? {
             return Ok(data);
         }

@@ -36,7 +36,7 @@ pub(super) fn check_answer(size: u64, body: &Body, start: u64) -> Result<u64, Fa
         } else {
             format!(
                 "server announces {} bytes, index SIZE is {}",
-                n + start,
+                n.saturating_add(start),
                 size
             )
         }));

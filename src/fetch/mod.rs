@@ -39,7 +39,7 @@ use tracing::debug;
 use crate::cache::Store;
 use crate::error::FsError;
 use crate::index::{CacheKey, Package};
-use crate::remote::{Endpoint, RETRY};
+use crate::remote::{Endpoint, ErrorKind, RETRY};
 use crate::verify::VerifyMode;
 
 pub use blob::Blob;
@@ -80,6 +80,9 @@ pub struct Fetcher {
     streams: usize,
     /// Which digests a download is checked against.
     verify: VerifyMode,
+    /// A head slower than this (bytes per second spent waiting) is split; `split::SPLIT_BELOW`
+    /// unless a test sets another (`with_split_below`).
+    split_below: f64,
     pub stats: Stats,
 }
 
@@ -102,11 +105,19 @@ impl Fetcher {
             recent: Mutex::default(),
             streams: 1,
             verify: VerifyMode::default(),
+            split_below: split::SPLIT_BELOW,
             stats: Stats::default(),
         }
     }
 
     /// Lets a large whole transfer use up to `n` connections as parallel ranges.
+    /// Sets the rate under which a lone head is split (bytes per second spent waiting for the
+    /// network): the seam a test uses to make the decision independent of machine speed.
+    pub fn with_split_below(mut self, bytes_per_sec: f64) -> Self {
+        self.split_below = bytes_per_sec;
+        self
+    }
+
     pub fn with_streams(mut self, n: usize) -> Self {
         self.streams = n.max(1);
         self
@@ -143,10 +154,13 @@ impl Fetcher {
     ) -> Result<Option<Vec<u8>>, String> {
         let path = pkg.remote_path();
         let endpoint = self.endpoint(pkg);
-        endpoint.check_online()?;
+        let mut admission = Some(endpoint.admit().await?);
         let mut attempt = 0;
         loop {
-            match endpoint.transport().read_range(path, from, len).await {
+            let result = endpoint.transport().read_range(path, from, len).await;
+            // The server answered (or did not): a probe's waiters may go on.
+            let probe = admission.take();
+            match result {
                 Ok(data) => {
                     endpoint.answered();
                     if data.is_some() {
@@ -154,22 +168,31 @@ impl Fetcher {
                     }
                     return Ok(data);
                 }
-                Err(e) if e.is_offline() => return Err(endpoint.went_offline(&e)),
-                Err(e) => match transfer::Failure::from_transport(e) {
-                    transfer::Failure::Retry(reason) => {
-                        attempt += 1;
-                        let Some(backoff) = RETRY.backoff(attempt) else {
-                            return Err(reason);
-                        };
-                        tokio::time::sleep(backoff).await;
-                        debug!(
-                            path,
-                            "ranged read retry {attempt}/{}: {reason}", RETRY.retries
-                        );
+                Err(e) if e.is_offline() => {
+                    let started = probe.unwrap_or_else(|| endpoint.admitted());
+                    return Err(endpoint.went_offline(&started, &e));
+                }
+                Err(e) => {
+                    endpoint.answered();
+                    if e.kind == ErrorKind::NotFound {
+                        endpoint.not_found(path);
                     }
-                    transfer::Failure::Fatal(reason) => return Err(reason),
-                    transfer::Failure::WriterGone => return Err("writer stopped".into()),
-                },
+                    match transfer::Failure::from_transport(e) {
+                        transfer::Failure::Retry(reason) => {
+                            attempt += 1;
+                            let Some(backoff) = RETRY.backoff(attempt) else {
+                                return Err(reason);
+                            };
+                            tokio::time::sleep(backoff).await;
+                            debug!(
+                                path,
+                                "ranged read retry {attempt}/{}: {reason}", RETRY.retries
+                            );
+                        }
+                        transfer::Failure::Fatal(reason) => return Err(reason),
+                        transfer::Failure::WriterGone => return Err("writer stopped".into()),
+                    }
+                }
             }
         }
     }
@@ -192,7 +215,7 @@ impl Fetcher {
         {
             return Ok(blob);
         }
-        if let Some(file) = self.store.open_object(&key)? {
+        if let Some(file) = self.store.open_object(&key, pkg.size)? {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             let (_, state) = watch::channel(State::Complete);
             let blob = self.blob(key, pkg, None, state, None);

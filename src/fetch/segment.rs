@@ -53,10 +53,14 @@ impl Segments {
         if n < 2 {
             return None;
         }
-        let part = rest.div_ceil(n).next_multiple_of(ALIGN);
-        let head_end = from + part;
+        // Checked: SIZE comes from the index, and a hostile one may be near u64::MAX.
+        let part = rest.div_ceil(n).checked_next_multiple_of(ALIGN)?;
+        let head_end = from.checked_add(part)?;
+        let at = |i: u64| part.checked_mul(i).and_then(|o| o.checked_add(from));
         let spans: Vec<(u64, u64)> = (1..n)
-            .map(|i| (from + i * part, (from + (i + 1) * part).min(size)))
+            .map(|i| Some((at(i)?, at(i + 1).map_or(size, |e| e.min(size)))))
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
             .filter(|(a, b)| a < b)
             .collect();
         if spans.is_empty() {
@@ -179,6 +183,18 @@ impl Drop for PartGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_hostile_size_near_the_top_of_u64_plans_without_overflow() {
+        for size in [u64::MAX, u64::MAX - 1, u64::MAX - ALIGN] {
+            for from in [0, 1 << 20, size - PART_MIN * 3] {
+                if let Some((head, segs)) = Segments::plan(from, size, 16) {
+                    assert!(head > from);
+                    assert!(segs.spans().iter().all(|(a, b)| a < b && *b <= size));
+                }
+            }
+        }
+    }
 
     #[test]
     fn plans_cover_the_file_once_in_aligned_parts() {

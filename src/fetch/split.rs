@@ -31,6 +31,44 @@ pub(super) const PROBE: u64 = 1 << 20;
 /// trip, a slow link) parts fill what one stream cannot.
 pub(super) const SPLIT_BELOW: f64 = 64.0 * 1024.0 * 1024.0;
 
+/// The rate of a head while a split is pending: measured over each `PROBE` bytes from its
+/// first chunk on (a server slow to start answering is not a slow stream), as bytes per second
+/// spent waiting for the network (time the writer holds us up is a busy CPU, which parts would
+/// not help). Every window counts, not just the first: nginx's `limit_rate` lets a first burst
+/// through at full speed before it caps. Fed positions and waits by the caller, so the
+/// decision is tested with a clock the test controls (issue 11.6).
+#[derive(Debug)]
+pub(super) struct RateProbe {
+    window: Option<(u64, std::time::Duration)>,
+    /// `SPLIT_BELOW`, or what a test set.
+    below: f64,
+}
+
+impl RateProbe {
+    pub(super) fn new(below: f64) -> RateProbe {
+        RateProbe {
+            window: None,
+            below,
+        }
+    }
+
+    /// A chunk arrived: the transfer is at byte `at`, after waiting `waited` for it. `true`
+    /// when a window just closed slower than `SPLIT_BELOW`.
+    pub(super) fn slow_after(&mut self, at: u64, waited: std::time::Duration) -> bool {
+        let Some((from, spent)) = &mut self.window else {
+            self.window = Some((at, std::time::Duration::ZERO));
+            return false;
+        };
+        *spent += waited;
+        if at.saturating_sub(*from) < PROBE {
+            return false;
+        }
+        let rate = (at - *from) as f64 / spent.as_secs_f64().max(1e-6);
+        self.window = Some((at, std::time::Duration::ZERO));
+        rate < self.below
+    }
+}
+
 impl Fetcher {
     /// How this transfer would be split from byte `have` on, if it is worth several streams
     /// and the server has not shown it does ranges oddly.
@@ -187,5 +225,50 @@ impl Split {
 impl Drop for Split {
     fn drop(&mut self) {
         self.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Feeds `chunks` of `len` bytes, each waited for `wait`; the byte at which a window
+    /// closed slow, if any.
+    fn first_slow(len: u64, wait: Duration, chunks: u64) -> Option<u64> {
+        let mut probe = RateProbe::new(SPLIT_BELOW);
+        (1..=chunks)
+            .map(|n| n * len)
+            .find(|&at| probe.slow_after(at, wait))
+    }
+
+    #[test]
+    fn the_split_decision_depends_on_time_spent_waiting_not_on_the_wall_clock() {
+        let chunk = 64 << 10;
+        // 64 KiB every 0.1 ms: 640 MB/s, never slow, however long the test takes.
+        assert_eq!(first_slow(chunk, Duration::from_micros(100), 200), None);
+        // 64 KiB every 10 ms: 6.5 MB/s, slow once the first full window after the first
+        // chunk is in (the first chunk only starts the window).
+        assert_eq!(
+            first_slow(chunk, Duration::from_millis(10), 200),
+            Some(chunk + PROBE)
+        );
+        // A stall inside one window of an otherwise fast stream: 16 chunks at 0.1 ms and one
+        // at 20 ms make 1 MiB in 21.5 ms, under 64 MiB/s: slow.
+        let mut probe = RateProbe::new(SPLIT_BELOW);
+        assert!(!probe.slow_after(chunk, Duration::ZERO));
+        let mut slow = false;
+        for n in 2..=17 {
+            let wait = if n == 9 {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_micros(100)
+            };
+            slow |= probe.slow_after(n * chunk, wait);
+        }
+        assert!(slow);
+        // Just at the threshold is not slow.
+        let at_threshold = Duration::from_secs_f64(chunk as f64 / SPLIT_BELOW);
+        assert_eq!(first_slow(chunk, at_threshold.mul_f64(0.999), 100), None);
     }
 }

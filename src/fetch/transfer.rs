@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::checks::{check_answer, clip, expect_end, short_answer};
-use super::split::{PROBE, SPLIT_BELOW, Split};
+use super::split::{RateProbe, Split};
 use super::writer::write_and_verify;
 use super::{Blob, Fetcher, State};
 use crate::index::Package;
@@ -183,9 +183,10 @@ impl Fetcher {
         // The breaker only stops new transfers: one already under way (or resuming) keeps its
         // bytes and its retries, since a binhost restart is exactly when connects fail.
         let fresh = *have == 0 && !retrying;
-        if fresh {
-            self.endpoint(pkg).check_online().map_err(Failure::Fatal)?;
-        }
+        let admission = match fresh {
+            true => Some(self.endpoint(pkg).admit().await.map_err(Failure::Fatal)?),
+            false => None,
+        };
         // Split on the first answer: ask for the head only; a 206 for exactly that range says
         // the server does ranges, and the parts are started if this one stream turns out slow.
         let plan = match split.parts.get() {
@@ -198,19 +199,30 @@ impl Fetcher {
             .get()
             .map(|p| p.start())
             .or(plan.as_ref().map(|(end, _)| *end));
-        let mut body = match self
+        let opened = self
             .endpoint(pkg)
             .transport()
             .open(pkg.remote_path(), *have, head_end)
-            .await
-        {
+            .await;
+        let mut body = match opened {
             Ok(body) => body,
-            Err(e) if e.is_offline() && fresh => {
-                return Err(Failure::Fatal(self.endpoint(pkg).went_offline(&e)));
+            Err(e) if e.is_offline() => {
+                return Err(match admission {
+                    Some(a) => Failure::Fatal(self.endpoint(pkg).went_offline(&a, &e)),
+                    None => Failure::Retry(e.message),
+                });
             }
-            Err(e) => return Err(Failure::from_open(e, pkg)),
+            Err(e) => {
+                self.endpoint(pkg).answered();
+                if e.kind == ErrorKind::NotFound {
+                    self.endpoint(pkg).not_found(pkg.remote_path());
+                }
+                return Err(Failure::from_open(e, pkg));
+            }
         };
         self.endpoint(pkg).answered();
+        // Answered: a probe's waiters may go on while this body streams.
+        drop(admission);
         let served_end = self.checked(pkg, &body, *have)?;
         let mut pending = None;
         let limit = match (head_end, plan) {
@@ -231,13 +243,9 @@ impl Fetcher {
             (None, _) => pkg.size,
         };
         let start = *have;
-        // While the plan is pending, the head's rate is measured over each `PROBE` bytes,
-        // from its first chunk on (a server slow to start answering is not a slow stream), as
-        // bytes per second spent waiting for the network (time the writer holds us up is a
-        // busy CPU, which parts would not help): the first window slower than `SPLIT_BELOW`
-        // starts the parts. Every window, not just the first: nginx's `limit_rate` lets a
-        // first burst through at full speed before it caps.
-        let mut window: Option<(u64, Duration)> = None;
+        // While the plan is pending, the first `RateProbe` window slower than `SPLIT_BELOW`
+        // starts the parts.
+        let mut probe = RateProbe::new(self.split_below);
         let progress = |at: u64, waited: Duration| {
             // A part that gave up means the file cannot be completed: say so now, not after
             // the head is in.
@@ -247,20 +255,11 @@ impl Fetcher {
             if pending.is_none() {
                 return Ok(());
             }
-            let Some((from, spent)) = &mut window else {
-                window = Some((at, Duration::ZERO));
-                return Ok(());
-            };
-            *spent += waited;
-            if at - *from >= PROBE {
-                let rate = (at - *from) as f64 / spent.as_secs_f64().max(1e-6);
-                if rate < SPLIT_BELOW
-                    && let Some(segs) = pending.take()
-                {
-                    debug!(path = %pkg.path, mbps = format!("{:.1}", rate / 1e6), "one stream is slow: split");
-                    self.start_parts(pkg, segs, split);
-                }
-                window = Some((at, Duration::ZERO));
+            if probe.slow_after(at, waited)
+                && let Some(segs) = pending.take()
+            {
+                debug!(path = %pkg.path, "one stream is slow: split");
+                self.start_parts(pkg, segs, split);
             }
             Ok(())
         };
@@ -363,14 +362,14 @@ impl Failure {
         }
     }
 
-    /// What a failed request means for the transfer. A file the server says is not there
-    /// is retried like a transient fault (a binhost may be publishing it right now).
+    /// What a failed request means for the transfer. A file the server says is not there is
+    /// an answer, not a transient fault: the reader gets `EIO` at once, and the caller tells
+    /// the endpoint, which hides the file like an absent file of a local PKGDIR (issue 11.5:
+    /// retrying a 404 cost 9 requests and 7 s per file, and made emerge's scan fail).
     pub(super) fn from_transport(e: TransportError) -> Failure {
         match e.kind {
-            ErrorKind::Retryable | ErrorKind::Offline | ErrorKind::NotFound => {
-                Failure::Retry(e.message)
-            }
-            ErrorKind::Fatal => Failure::Fatal(e.message),
+            ErrorKind::Retryable | ErrorKind::Offline => Failure::Retry(e.message),
+            ErrorKind::Fatal | ErrorKind::NotFound => Failure::Fatal(e.message),
         }
     }
 }

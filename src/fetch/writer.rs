@@ -29,7 +29,7 @@ pub(super) fn write_and_verify(
     let mut have = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         let len = chunk.len() as u64;
-        if have + len > size {
+        if have.checked_add(len).is_none_or(|end| end > size) {
             return Err(format!("server sent more than SIZE ({size} bytes)"));
         }
         write_making_room(file, &chunk, have, store)?;

@@ -159,13 +159,31 @@ pub fn merge(sources: &[Source<'_>], timestamp_floor: u64) -> Merged {
         body
     );
     let ttl = sources.first().and_then(|s| s.index.ttl);
+    let raw = Bytes::from(raw);
+    // Spans into the merged text (the served `Packages` is rendered from them): parse what
+    // was written; its entries are the merged ones, in order.
+    let (header_span, packages) = match Index::parse(raw.clone()) {
+        Ok(again) if again.packages.len() == packages.len() => {
+            let packages = packages
+                .into_iter()
+                .zip(again.packages)
+                .map(|(mut p, q)| {
+                    p.span = q.span;
+                    p
+                })
+                .collect();
+            (again.header_span, packages)
+        }
+        _ => ((0, 0), packages),
+    };
     Merged {
         index: Index {
-            raw: Bytes::from(raw),
+            raw,
             timestamp: Some(timestamp),
             ttl,
             // Each binhost's own endpoint follows its own `URI` header.
             uri: None,
+            header_span,
             packages,
             rejected,
         },

@@ -7,8 +7,9 @@
 //! * every `Package` it hands out has a `PATH` that is safe to place under the mount point
 //!   (relative, no `.`/`..`/empty components, no NUL or control characters, sane lengths) and a
 //!   `SIZE`; anything else is refused with a warning naming the entry, never a panic;
-//! * the raw bytes are kept unchanged, so the `Packages` file the mount serves is byte-identical
-//!   to the binhost's.
+//! * the raw bytes are kept unchanged, and every entry knows where its block is (`span`), so
+//!   the `Packages` file the mount serves is the binhost's byte for byte, or rendered from its
+//!   blocks verbatim when entries are left out or held (`render`, see `lifecycle`).
 //!
 //! Collisions between entries (two entries at one PATH, a file where another entry needs a
 //! directory) are the namespace's business, not this parser's.
@@ -16,12 +17,14 @@
 mod key;
 pub mod merge;
 mod path;
+mod render;
 
 use bytes::Bytes;
 
 pub use crate::verify::Digests;
 pub use key::CacheKey;
 pub use path::check_path;
+pub use render::render;
 
 /// Largest index we accept. A real 50,000-package binhost is about 26 MB.
 pub const MAX_INDEX_BYTES: usize = 512 << 20;
@@ -72,12 +75,41 @@ pub struct Package {
     pub path: Box<str>,
     pub cpv: Box<str>,
     pub build_id: Option<u64>,
+    pub build_time: Option<u64>,
     pub size: u64,
     /// Seconds since the epoch; the mount reports exactly this as st_mtime.
     pub mtime: i64,
     pub digests: Digests,
     /// Which binhost serves it, and where, when a mount merges several (`merge`).
     pub origin: Origin,
+    /// Where this entry's block is in its index's text (`Index::block`), to serve it verbatim.
+    pub span: (usize, usize),
+}
+
+/// Portage's instance key of a binary package (`CPV`, `BUILD_ID`, `SIZE`, `BUILD_TIME`,
+/// `MTIME`), as emerge's merge list names it: how emerge finds "its" entry in `Packages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub cpv: String,
+    pub build_id: Option<u64>,
+    pub build_time: Option<u64>,
+    pub size: Option<u64>,
+    pub mtime: Option<i64>,
+}
+
+impl Instance {
+    /// Whether `pkg` is this instance. `BUILD_ID` must agree exactly (absent on both sides in a
+    /// flat layout); `SIZE`, `MTIME` and `BUILD_TIME` where the merge list gives them.
+    pub fn matches(&self, pkg: &Package) -> bool {
+        *pkg.cpv == *self.cpv
+            && pkg.build_id == self.build_id
+            && self.size.is_none_or(|s| s == pkg.size)
+            && self.mtime.is_none_or(|m| m == pkg.mtime)
+            && match (self.build_time, pkg.build_time) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 /// Where a package's bytes come from: the binhost (an index into the mount's list, 0 for a
@@ -107,6 +139,8 @@ pub struct Index {
     pub uri: Option<String>,
     pub packages: Vec<Package>,
     pub rejected: Vec<Rejected>,
+    /// Where the header block is in the text.
+    pub header_span: (usize, usize),
 }
 
 impl Index {
@@ -132,6 +166,7 @@ impl Index {
             uri: None,
             packages: Vec::new(),
             rejected: Vec::new(),
+            header_span: (header.start, header.end),
         };
         for (key, value) in &header.fields {
             match *key {
@@ -166,12 +201,14 @@ impl Index {
     }
 }
 
-/// One block of `KEY: value` lines.
+/// One block of `KEY: value` lines, and where it is in the text (`end` after its last newline).
 #[derive(Debug, Default)]
 pub(crate) struct Block<'a> {
     pub(crate) fields: Vec<(&'a str, &'a str)>,
     /// The block's lines as written, without the final newline.
     pub(crate) text: &'a str,
+    start: usize,
+    end: usize,
 }
 
 impl<'a> Block<'a> {
@@ -186,21 +223,23 @@ impl<'a> Block<'a> {
 
 pub(crate) struct Blocks<'a> {
     all: &'a str,
-    lines: std::iter::Enumerate<std::str::Lines<'a>>,
+    lines: std::iter::Enumerate<std::str::SplitInclusive<'a, char>>,
+    /// Byte offset of the next line.
+    at: usize,
 }
 
 impl<'a> Blocks<'a> {
     pub(crate) fn new(text: &'a str) -> Self {
         Blocks {
             all: text,
-            lines: text.lines().enumerate(),
+            lines: text.split_inclusive('\n').enumerate(),
+            at: 0,
         }
     }
 
-    /// Where `line` (a slice of `all`) starts and ends in `all`.
-    fn span(&self, line: &str) -> (usize, usize) {
-        let start = line.as_ptr() as usize - self.all.as_ptr() as usize;
-        (start, start + line.len())
+    /// A block's lines as written, without the final newline.
+    fn text_of(&self, block: &Block<'a>) -> &'a str {
+        self.all[block.start..block.end].trim_end_matches(['\n', '\r'])
     }
 }
 
@@ -209,9 +248,12 @@ impl<'a> Iterator for Blocks<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut block = Block::default();
-        let mut span: Option<(usize, usize)> = None;
-        let all = self.all;
-        while let Some((n, line)) = self.lines.next() {
+        for (n, whole) in self.lines.by_ref() {
+            let start = self.at;
+            self.at += whole.len();
+            // As `str::lines`: without the newline and a `\r` before it.
+            let line = whole.strip_suffix('\n').unwrap_or(whole);
+            let line = line.strip_suffix('\r').unwrap_or(line);
             if line.len() > MAX_LINE_BYTES {
                 return Some(Err(IndexError::LineTooLong(n + 1)));
             }
@@ -221,8 +263,10 @@ impl<'a> Iterator for Blocks<'a> {
                 }
                 break;
             }
-            let (s, e) = self.span(line);
-            span = Some((span.map_or(s, |(s0, _)| s0), e));
+            if block.fields.is_empty() {
+                block.start = start;
+            }
+            block.end = self.at;
             let Some((key, rest)) = line.split_once(':') else {
                 return Some(Err(IndexError::BadLine {
                     line: n + 1,
@@ -233,7 +277,7 @@ impl<'a> Iterator for Blocks<'a> {
             let value = rest.get(1..).unwrap_or("");
             block.fields.push((key, value));
         }
-        block.text = span.map_or("", |(s, e)| &all[s..e]);
+        block.text = self.text_of(&block);
         (!block.fields.is_empty()).then_some(Ok(block))
     }
 }
@@ -270,6 +314,7 @@ impl Package {
             None => default_mtime,
         };
         let build_id = block.get("BUILD_ID").and_then(|b| b.trim().parse().ok());
+        let build_time = block.get("BUILD_TIME").and_then(|b| b.trim().parse().ok());
         let digests = Digests {
             md5: hex_field(block, "MD5").map_err(reject)?,
             sha1: hex_field(block, "SHA1").map_err(reject)?,
@@ -280,10 +325,12 @@ impl Package {
             path: path.into(),
             cpv: cpv.into(),
             build_id,
+            build_time,
             size,
             mtime,
             digests,
             origin: Origin::default(),
+            span: (block.start, block.end),
         })
     }
 }

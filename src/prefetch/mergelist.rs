@@ -8,6 +8,9 @@
 //! `Fetcher::fetch_whole`, which shares a transfer with any reader: the package emerge is
 //! reading right now already has its transfer, and nothing crosses the network twice.
 //!
+//! Every change of the list is also handed to `Lifecycle::merge_list`, which keeps the entries
+//! of the running merge served across a binhost release until the list ends (issue 11.3).
+//!
 //! Rules:
 //! * the list found at mount time is not acted on: it may be an abandoned merge, and a restart
 //!   must not start gigabytes of downloads nobody asked for (`emerge --resume` writes anew);
@@ -37,14 +40,8 @@ use crate::namespace::{Namespace, ROOT_INO};
 /// Packages fetched at once by one batch (a reader's own transfer comes on top).
 const PARALLEL: usize = 2;
 
-/// One `resume.binpkgs` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub cpv: String,
-    pub build_id: Option<u64>,
-    pub size: Option<u64>,
-    pub mtime: Option<i64>,
-}
+/// One `resume.binpkgs` entry: the package's instance key.
+pub use crate::index::Instance as Entry;
 
 /// The parts of `mtimedb` that matter here.
 #[derive(Debug, PartialEq)]
@@ -53,6 +50,9 @@ pub struct MergeList {
     pub key: Value,
     /// Entries still to be merged, in merge order.
     pub entries: Vec<Entry>,
+    /// Every entry of `binpkgs`, merged or not: what the index must keep serving until the
+    /// merge ends (see `lifecycle`).
+    pub all: Vec<Entry>,
 }
 
 /// Parses `mtimedb`. `Ok(None)`: no merge in progress.
@@ -77,21 +77,27 @@ pub fn parse(raw: &[u8]) -> Result<Option<MergeList>, String> {
                     .filter_map(|x| x.get(2).and_then(Value::as_str))
                     .collect()
             });
-    let entries = binpkgs
+    let all: Vec<Entry> = binpkgs
         .iter()
         .filter_map(|e| {
             Some(Entry {
                 cpv: e.get("CPV")?.as_str()?.to_string(),
                 build_id: number(e.get("BUILD_ID")),
+                build_time: number(e.get("BUILD_TIME")),
                 size: number(e.get("SIZE")),
                 mtime: number(e.get("MTIME")),
             })
         })
+        .collect();
+    let entries = all
+        .iter()
         .filter(|e| pending.as_ref().is_none_or(|p| p.contains(e.cpv.as_str())))
+        .cloned()
         .collect();
     Ok(Some(MergeList {
         key: Value::Array(binpkgs.clone()),
         entries,
+        all,
     }))
 }
 
@@ -150,7 +156,9 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
         }
     };
     changes.mark_unchanged();
+    // The list found now is not acted on (see the module comment), for the hold neither.
     let mut last = read(&mtimedb).await.ok().flatten().map(|m| m.key);
+    let mut holding = false;
     info!(path = %mtimedb.display(), "watching emerge's merge list for prefetching");
     let mut batch: Option<JoinHandle<()>> = None;
     while changes.changed().await.is_ok() {
@@ -159,14 +167,25 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
             // The merge ended (or the file is gone): the same list later is a new merge.
             Ok(None) => {
                 last = None;
+                if std::mem::take(&mut holding) {
+                    lifecycle.merge_list(None);
+                }
                 continue;
             }
             // Half-written or foreign: keep what we know and wait for the next change.
             Err(()) => continue,
         };
         if last.as_ref() == Some(&list.key) {
+            if holding {
+                // Still merging: the hold's idle bound starts again.
+                lifecycle.merge_list(Some(&list.all));
+            }
             continue;
         }
+        // Before prefetching: the entries this merge resolved stay served (and prefetched)
+        // even if a release replaced them in the meantime.
+        lifecycle.merge_list(Some(&list.all));
+        holding = true;
         last = Some(list.key);
         let ns = lifecycle.ns.current();
         let packages = resolve(&ns, &list.entries);
@@ -222,18 +241,25 @@ async fn read(path: &Path) -> Result<Option<MergeList>, ()> {
     parsed.map_err(|e| debug!("merge list {e}"))
 }
 
-/// Fetches `packages` in order, `PARALLEL` at a time, up to `limit` bytes.
-async fn run_batch(fetcher: Arc<Fetcher>, listed: usize, packages: Vec<Package>, limit: u64) {
+/// The first of `packages` that fit in `limit` bytes together. Saturating: SIZE comes from
+/// the index, and a hostile one may be near u64::MAX.
+fn within(packages: Vec<Package>, limit: u64) -> Vec<Package> {
     let mut total = 0u64;
-    let matched = packages.len();
-    let packages: Vec<Package> = packages
+    packages
         .into_iter()
         .take_while(|p| {
-            total += p.size;
+            total = total.saturating_add(p.size);
             total <= limit
         })
-        .collect();
-    let (fetching, bytes) = (packages.len(), packages.iter().map(|p| p.size).sum::<u64>());
+        .collect()
+}
+
+/// Fetches `packages` in order, `PARALLEL` at a time, up to `limit` bytes.
+async fn run_batch(fetcher: Arc<Fetcher>, listed: usize, packages: Vec<Package>, limit: u64) {
+    let matched = packages.len();
+    let packages = within(packages, limit);
+    let fetching = packages.len();
+    let bytes = packages.iter().fold(0u64, |n, p| n.saturating_add(p.size));
     info!(
         listed,
         matched, fetching, bytes, "prefetching the merge list"
@@ -321,6 +347,7 @@ mod tests {
             [Entry {
                 cpv: "a/x-1".into(),
                 build_id: Some(2),
+                build_time: Some(5),
                 size: Some(20),
                 mtime: Some(60)
             }]
@@ -333,11 +360,25 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_size_does_not_overflow_the_batch_limit() {
+        let index = crate::index::Index::parse(Bytes::from(format!(
+            "TIMESTAMP: 1\n\nCPV: a/x-1\nPATH: a/x-1.tbz2\nSIZE: 10\n\n\
+             CPV: a/y-1\nPATH: a/y-1.tbz2\nSIZE: {}\n",
+            u64::MAX - 5
+        )))
+        .unwrap();
+        let got = within(index.packages.clone(), u64::MAX / 2);
+        assert_eq!(got.len(), 1);
+        assert_eq!(within(index.packages, u64::MAX).len(), 2);
+    }
+
+    #[test]
     fn matches_by_build_id_then_size_and_mtime() {
         let ns = ns();
         let e = |cpv: &str, build_id, size, mtime| Entry {
             cpv: cpv.into(),
             build_id,
+            build_time: None,
             size,
             mtime,
         };

@@ -903,6 +903,7 @@ impl Mode {
 ///     }
 /// }
 /// ```
+#[allow(unused_macros)]
 macro_rules! both_modes {
     ($($(#[$attr:meta])* fn $name:ident($mode:ident) $body:block)*) => {$(
         mod $name {
@@ -925,6 +926,7 @@ macro_rules! both_modes {
         }
     )*};
 }
+#[allow(unused_imports)]
 pub(crate) use both_modes;
 
 // ---------------------------------------------------------------------------
