@@ -31,3 +31,4 @@ pub mod remote;
 pub mod snapshot;
 pub mod status;
 pub mod verify;
+pub mod vfs;

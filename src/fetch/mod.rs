@@ -41,8 +41,8 @@ use crate::error::FsError;
 use crate::index::{CacheKey, Package};
 use crate::remote::{Endpoint, RETRY};
 
-pub use blob::Blob;
 use blob::State;
+pub use blob::{Blob, PageEvent, PageEvents};
 use sparse::Sparse;
 pub(crate) use writer::write_making_room;
 
@@ -212,7 +212,6 @@ impl Fetcher {
             sparse,
             tail_served: AtomicBool::new(false),
             adopted: AtomicU64::new(0),
-            needs_inval: AtomicBool::new(false),
             last_warning: Mutex::new(None),
             store: self.store.clone(),
         })
