@@ -573,4 +573,8 @@ fn split_cookie(offset: u64) -> (u32, u64) {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
 mod tests;
