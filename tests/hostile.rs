@@ -61,6 +61,9 @@ enum Fault {
     CappedRanges(usize),
     /// Ignores Range headers: always the whole file with 200.
     NoRanges,
+    /// Honest, except that a short range (a sparse block, under 1 MiB) that ends at the end of
+    /// the file has its middle byte flipped: a metadata scan's tail comes back wrong.
+    LieShortTailRange,
 }
 
 struct Faulty {
@@ -289,6 +292,14 @@ fn serve(
             honest(&mut conn, &body, range)
         }
         Fault::NoRanges => honest(&mut conn, &body, None),
+        Fault::LieShortTailRange => match range {
+            Some((from, Some(to))) if to + 1 == len && to - from < 1 << 20 => {
+                let mut body = body.clone();
+                body[(from + to) / 2] ^= 0x01;
+                honest(&mut conn, &body, range)
+            }
+            _ => honest(&mut conn, &body, range),
+        },
         Fault::ExtraNoLength(n) => {
             write_head(&mut conn, "200 OK", &[])?;
             conn.write_all(&body)?;
@@ -840,6 +851,79 @@ fn a_whole_reader_after_ranged_tail_reads_cannot_complete_a_wrong_file() {
     assert!(
         fresh.is_err(),
         "read the wrong file to the end on a fresh handle"
+    );
+}
+
+/// The kernel modes every mount-level test here runs in: passthrough (where the kernel has
+/// it) and reads served through the daemon, as on kernels before 6.9.
+const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
+
+/// Issue 11.1: a metadata scan reads a large package's tail through a ranged request whose
+/// answer is wrong (unchecked, as a scan may); emerge's merge list then names the package and
+/// the daemon fetches and verifies it whole; a later `cat` must return the index's bytes, not
+/// the scan's tail the kernel kept.
+#[test]
+fn cat_after_a_verified_prefetch_never_returns_a_scanned_unchecked_tail() {
+    support::require_real_parts();
+    for mode in MODES {
+        scanned_tail_then_prefetch_then_cat(mode);
+    }
+}
+
+fn scanned_tail_then_prefetch_then_cat(mode: &[&str]) {
+    let size = 3 << 20;
+    let (dir, good) = synthetic_binhost(size, None);
+    let server = Faulty::start(dir.path(), BIG, Fault::LieShortTailRange);
+    let cache = TempDir::new().unwrap();
+    let edb = TempDir::new().unwrap();
+    let mtimedb = edb.path().join("mtimedb");
+    // One stream: the fault is for short ranges only, and the test is about the scan's.
+    let mut args = vec!["--mtimedb", mtimedb.to_str().unwrap(), "--streams", "1"];
+    args.extend_from_slice(mode);
+    let mount = Mount::new(&server.url(), cache.path(), &args).unwrap();
+    let file = mount.path().join(BIG);
+
+    // The scan: the first header and the tail, each a ranged read.
+    let mut f = fs::File::open(&file).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact(&mut head).unwrap();
+    let mut tail = vec![0u8; 4096];
+    f.seek(SeekFrom::Start(size as u64 - 4096)).unwrap();
+    f.read_exact(&mut tail).unwrap();
+    drop(f);
+    let ranged_tail_lied = tail != good[size - 4096..];
+
+    // emerge publishes its merge list: the daemon fetches the package whole and verifies it.
+    let db = format!(
+        r#"{{"info": {{}}, "resume": {{"favorites": [], "mergelist": [["binary", "/", "c/big-1", "merge"]],
+            "binpkgs": [{{"CPV": "c/big-1", "BUILD_ID": null, "BUILD_TIME": 0, "MTIME": 1, "SIZE": {size}, "EROOT": "/"}}],
+            "myopts": {{}}}}, "version": "3.0.83"}}"#
+    );
+    fs::write(edb.path().join("mtimedb.new"), db).unwrap();
+    fs::rename(edb.path().join("mtimedb.new"), &mtimedb).unwrap();
+    let objects = cache.path().join("objects");
+    assert!(
+        wait_until(Duration::from_secs(30), || dir_len(&objects) == 1),
+        "{mode:?}: the merge list's package was not prefetched"
+    );
+
+    let got = fs::read(&file).unwrap();
+    let differ = got.iter().zip(&good).position(|(a, b)| a != b);
+    assert!(
+        got == good,
+        "{mode:?}: cat after the prefetch returned other bytes (first difference at {differ:?}; \
+         the scan's ranged tail was {}wrong)",
+        if ranged_tail_lied { "" } else { "not " }
+    );
+    let cmp = Command::new("cmp")
+        .arg(&file)
+        .arg(dir.path().join(BIG))
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{mode:?}: cmp: {}",
+        String::from_utf8_lossy(&cmp.stdout)
     );
 }
 
