@@ -62,7 +62,7 @@ enum Fault {
     /// Ignores Range headers: always the whole file with 200.
     NoRanges,
     /// Honest, except that a short range (a sparse block, under 1 MiB) that ends at the end of
-    /// the file has its middle byte flipped: a metadata scan's tail comes back wrong.
+    /// the file has its 100th-last byte flipped: a metadata scan's tail comes back wrong.
     LieShortTailRange,
 }
 
@@ -295,7 +295,7 @@ fn serve(
         Fault::LieShortTailRange => match range {
             Some((from, Some(to))) if to + 1 == len && to - from < 1 << 20 => {
                 let mut body = body.clone();
-                body[(from + to) / 2] ^= 0x01;
+                body[to - 100] ^= 0x01;
                 honest(&mut conn, &body, range)
             }
             _ => honest(&mut conn, &body, range),
@@ -892,6 +892,10 @@ fn scanned_tail_then_prefetch_then_cat(mode: &[&str]) {
     f.read_exact(&mut tail).unwrap();
     drop(f);
     let ranged_tail_lied = tail != good[size - 4096..];
+    assert!(
+        ranged_tail_lied,
+        "{mode:?}: setup: the scan did not get the server's wrong tail"
+    );
 
     // emerge publishes its merge list: the daemon fetches the package whole and verifies it.
     let db = format!(
