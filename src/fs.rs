@@ -1,8 +1,11 @@
-//! The FUSE adapter: translates kernel requests into namespace lookups and fetcher reads.
+//! The FUSE adapter: translates kernel requests into `Vfs` calls, and its decisions into
+//! replies and notifications.
 //!
-//! It is thin on purpose. Each handler opens a span, asks the current `Namespace` snapshot or a
-//! `Blob`, and turns the `Result` into a reply. Reads that may wait for the network run as tokio
-//! tasks and reply when their bytes are there, so one slow package never blocks the FUSE loop.
+//! It is thin on purpose. Each handler opens a span, asks the `Vfs`, and turns the `Result` or
+//! decision into a reply; what to keep cached, what to drop, which inodes and names stay valid
+//! is decided there and tested without a mount. Reads that may wait for the network run as
+//! tokio tasks and reply when their bytes are there, so one slow package never blocks the FUSE
+//! loop. The vfs's invalidations are carried out by one thread of their own.
 //!
 //! Everything is read-only: the mount is `ro`, and every write-like request that still reaches
 //! us answers `EROFS`, so Portage's `os.access(PKGDIR, W_OK)` says no and it never tries to write.
@@ -11,11 +14,10 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags,
@@ -25,9 +27,10 @@ use fuser::{
 use tracing::{Instrument, debug, debug_span, event, info, warn};
 
 use crate::error::FsError;
-use crate::fetch::{Blob, Fetcher};
-use crate::namespace::{Attr, Namespace, NodeKind};
+use crate::fetch::Fetcher;
+use crate::namespace::Attr;
 use crate::snapshot::Snapshot;
+use crate::vfs::{Handle, Invalidation, Vfs};
 
 /// How long the kernel may cache names and attributes: a quarter of the index TTL, at most a
 /// minute, so a withdrawn file disappears within 1.25 refresh intervals. A stale entry can
@@ -38,38 +41,17 @@ pub fn attr_ttl(index_ttl: Duration) -> Duration {
 /// The extended attribute on the mount's root that `binpkgfs status` reads.
 pub const STATUS_XATTR: &str = "user.binpkgfs.status";
 
-enum Open {
-    Package {
-        blob: Arc<Blob>,
-        attr: Attr,
-        /// Set when the kernel reads this handle straight from the cache file.
-        backing: Option<Arc<BackingId>>,
-    },
-    Index(Bytes),
-}
-
-/// Passthrough bookkeeping per inode. The kernel wants one backing file per inode while any
-/// passthrough handle is open, and refuses to mix passthrough and cached opens of one inode,
-/// so an inode with a cached (userspace) open stays cached until that handle is released.
-#[derive(Default)]
-struct Passthrough {
-    /// Allowed by the configuration.
-    wanted: bool,
-    /// Allowed, and the kernel agreed.
-    enabled: bool,
-    backing: HashMap<u64, Weak<BackingId>>,
-    cached_opens: HashMap<u64, usize>,
-}
-
 pub struct BinpkgFs {
-    ns: Arc<Snapshot>,
-    fetcher: Arc<Fetcher>,
+    vfs: Arc<Vfs>,
     rt: tokio::runtime::Handle,
-    handles: Mutex<HashMap<u64, Arc<Open>>>,
-    next_fh: AtomicU64,
     ttl: Duration,
-    passthrough: Mutex<Passthrough>,
-    /// Set by the daemon once the session exists; used to drop the kernel's cached pages.
+    /// Allowed by the configuration; the kernel must agree too (see `init`).
+    passthrough_wanted: bool,
+    /// The kernel's backing file per inode while a passthrough handle of it is open (it wants
+    /// one per inode), and the handles holding it.
+    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    handle_backing: Mutex<HashMap<u64, Arc<BackingId>>>,
+    /// Set by the daemon once the session exists; carries out the vfs's invalidations.
     notifier: Arc<OnceLock<Notifier>>,
     status: Box<dyn Fn() -> String + Send + Sync>,
 }
@@ -82,22 +64,31 @@ impl BinpkgFs {
         ttl: Duration,
         status: Box<dyn Fn() -> String + Send + Sync>,
     ) -> Self {
+        let vfs = Vfs::new(ns, fetcher);
+        let notifier: Arc<OnceLock<Notifier>> = Arc::default();
+        let rx = vfs.invalidations().expect("a new vfs has its receiver");
+        let (n, weak) = (notifier.clone(), Arc::downgrade(&vfs));
+        // Off the runtime and off the FUSE threads: dropping pages waits for pages that reads
+        // in flight hold, and those reads are answered there.
+        std::thread::Builder::new()
+            .name("binpkgfs-inval".into())
+            .spawn(move || invalidate(rx, n, weak))
+            .expect("starting the invalidation thread");
         BinpkgFs {
-            ns,
-            fetcher,
+            vfs,
             rt,
-            handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
             ttl,
-            passthrough: Mutex::default(),
-            notifier: Arc::default(),
+            passthrough_wanted: false,
+            backing: Mutex::default(),
+            handle_backing: Mutex::default(),
+            notifier,
             status,
         }
     }
 
     /// Whether complete packages may be handed to the kernel (FUSE passthrough).
-    pub fn with_passthrough(self, wanted: bool) -> Self {
-        self.passthrough.lock().unwrap().wanted = wanted;
+    pub fn with_passthrough(mut self, wanted: bool) -> Self {
+        self.passthrough_wanted = wanted;
         self
     }
 
@@ -106,91 +97,64 @@ impl BinpkgFs {
         self.notifier.clone()
     }
 
-    fn snapshot(&self) -> Arc<Namespace> {
-        self.ns.current()
-    }
-
-    fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, FsError> {
-        self.handles
-            .lock()
-            .unwrap()
-            .get(&fh.0)
-            .cloned()
-            .ok_or(FsError::BadHandle)
-    }
-
-    /// Opens a file: the index from memory, a package through the fetcher. Complete packages
-    /// are handed to the kernel (passthrough) where it allows, so warm reads never reach us.
-    fn open_file(
-        &self,
-        ino: u64,
-        flags: OpenFlags,
-        reply: &ReplyOpen,
-    ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>), FsError> {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return Err(FsError::ReadOnly);
-        }
-        let ns = self.snapshot();
-        let node = ns.node(ino).ok_or(FsError::NotFound)?;
-        let open = match &node.kind {
-            NodeKind::Dir(_) => return Err(FsError::IsDir),
-            NodeKind::IndexFile => Open::Index(ns.index.raw.clone()),
-            NodeKind::Package(_) => {
-                let pkg = ns.package(node).expect("package node has a package");
-                // Fetcher::open may start a transfer; it must run on our runtime.
-                let _rt = self.rt.enter();
-                let blob = self.fetcher.open(pkg)?;
-                let backing = self.backing_for(ino, &blob, reply);
-                Open::Package {
-                    blob,
-                    attr: ns.attr(node),
-                    backing,
+    /// The kernel's backing id for the blob behind `fh`, one per inode; `None` if the kernel
+    /// would not take it.
+    fn backing_for(&self, fh: u64, ino: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let mut by_ino = self.backing.lock().unwrap();
+        let id = match by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let handle = self.vfs.handle(fh).ok()?;
+                let Handle::Package { blob, .. } = &*handle else {
+                    return None;
+                };
+                match reply.open_backing(blob.file()?) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        by_ino.retain(|_, w| w.strong_count() > 0);
+                        by_ino.insert(ino, Arc::downgrade(&id));
+                        id
+                    }
+                    Err(e) => {
+                        warn!("passthrough unavailable, serving reads through the daemon: {e}");
+                        return None;
+                    }
                 }
             }
         };
-        let backing = match &open {
-            Open::Package { backing, .. } => backing.clone(),
-            Open::Index(_) => None,
-        };
-        // An inode's content never changes (inodes carry content identity), so the kernel may
-        // keep its page cache across opens, but only of checked bytes: an open of a file not
-        // yet verified drops the cache, so pages from a transfer that failed its check (or
-        // from unchecked ranged reads) are never served again.
-        let flags = match &open {
-            Open::Package { blob, .. } if !blob.is_complete() => FopenFlags::empty(),
-            _ => FopenFlags::FOPEN_KEEP_CACHE,
-        };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(fh, Arc::new(open));
-        Ok((fh, flags, backing))
+        self.handle_backing.lock().unwrap().insert(fh, id.clone());
+        Some(id)
     }
+}
 
-    /// A backing id for a complete package, or `None` to serve it through `read`.
-    fn backing_for(&self, ino: u64, blob: &Blob, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
-        let mut pt = self.passthrough.lock().unwrap();
-        let cached = pt.cached_opens.get(&ino).copied().unwrap_or(0) > 0;
-        if let Some(file) = blob
-            .file()
-            .filter(|_| pt.enabled && blob.is_complete() && !cached)
-        {
-            if let Some(id) = pt.backing.get(&ino).and_then(Weak::upgrade) {
-                return Some(id);
-            }
-            match reply.open_backing(file) {
-                Ok(id) => {
-                    let id = Arc::new(id);
-                    pt.backing.retain(|_, w| w.strong_count() > 0);
-                    pt.backing.insert(ino, Arc::downgrade(&id));
-                    return Some(id);
+/// Carries out the vfs's invalidations until the vfs is gone.
+fn invalidate(rx: mpsc::Receiver<Invalidation>, notifier: Arc<OnceLock<Notifier>>, vfs: Weak<Vfs>) {
+    for inv in rx {
+        let Some(vfs) = vfs.upgrade() else { return };
+        // Before the session exists the kernel holds nothing to drop.
+        let n = notifier.get();
+        match inv {
+            Invalidation::Pages { ino, epoch } => {
+                match n.map_or(Ok(()), |n| n.inval_inode(INodeNo(ino), 0, -1)) {
+                    Ok(()) => vfs.pages_dropped(ino, epoch),
+                    Err(e) => warn!(ino, "dropping cached pages failed: {e}"),
                 }
-                Err(e) => {
-                    warn!("passthrough unavailable, serving reads through the daemon: {e}");
-                    pt.enabled = false;
+            }
+            Invalidation::Entry { parent, name } => {
+                if let Some(Err(e)) = n.map(|n| n.inval_entry(INodeNo(parent), OsStr::new(&*name)))
+                {
+                    debug!(parent, %name, "name invalidation: {e}");
                 }
             }
         }
-        *pt.cached_opens.entry(ino).or_default() += 1;
-        None
+    }
+}
+
+fn file_type(a: &Attr) -> FileType {
+    if a.is_dir {
+        FileType::Directory
+    } else {
+        FileType::RegularFile
     }
 }
 
@@ -208,11 +172,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         mtime,
         ctime: mtime,
         crtime: mtime,
-        kind: if a.is_dir {
-            FileType::Directory
-        } else {
-            FileType::RegularFile
-        },
+        kind: file_type(a),
         perm: if a.is_dir { 0o555 } else { 0o444 },
         nlink: if a.is_dir { 2 } else { 1 },
         uid: 0,
@@ -221,27 +181,6 @@ fn file_attr(a: &Attr) -> FileAttr {
         blksize: 128 * 1024,
         flags: 0,
     }
-}
-
-/// Feeds a directory's entries from `offset` on to `add` (which returns true when the reply is
-/// full). Offsets are "index of the next entry": 1 after ".", 2 after "..", 3.. after children.
-fn entries(
-    ns: &Namespace,
-    ino: u64,
-    offset: u64,
-    mut add: impl FnMut(u64, &Attr, &str) -> bool,
-) -> Result<(), FsError> {
-    let (parent, children) = ns.dir(ino).ok_or(FsError::NotFound)?;
-    let attr_of = |ino| ns.node(ino).map(|n| ns.attr(n));
-    let dots = [(attr_of(ino), "."), (attr_of(parent), "..")];
-    let dots = dots.into_iter().filter_map(|(a, name)| Some((a?, name)));
-    let all = dots.chain(children.map(|n| (ns.attr(n), &*n.name)));
-    for (i, (attr, name)) in all.enumerate().skip(offset as usize) {
-        if add(i as u64, &attr, name) {
-            break;
-        }
-    }
-    Ok(())
 }
 
 /// Logs a failed request at the error's own level and returns its errno.
@@ -263,13 +202,12 @@ impl Filesystem for BinpkgFs {
         let _ = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         // Passthrough (Linux >= 6.9): complete packages are read by the kernel straight from
         // the cache file. Depth 2 lets the cache live on overlayfs.
-        let pt = self.passthrough.get_mut().unwrap();
-        if !pt.wanted {
+        if !self.passthrough_wanted {
             info!("passthrough off (--no-passthrough): serving every read through the daemon");
         } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok()
         {
-            pt.enabled = true;
+            self.vfs.set_passthrough(true);
         } else {
             info!("kernel without FUSE passthrough: serving every read through the daemon");
         }
@@ -278,43 +216,59 @@ impl Filesystem for BinpkgFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name).entered();
-        let ns = self.snapshot();
         let found = name
             .to_str()
-            .and_then(|n| ns.lookup(parent.0, n))
-            .map(|node| ns.attr(node));
+            .ok_or(FsError::NotFound)
+            .and_then(|n| self.vfs.lookup(parent.0, n));
         match found {
-            Some(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
-            None => reply.error(fail(FsError::NotFound)),
+            Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(fail(e)),
         }
+    }
+
+    /// `batch_forget` is fuser's default, which calls this per node (its `ForgetOne` is not
+    /// public in fuser 0.18).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.vfs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0).entered();
-        // An open handle answers for the version it was opened with, even after a refresh.
-        if let Some(fh) = fh
-            && let Ok(open) = self.handle(fh)
-            && let Open::Package { attr, .. } = &*open
-        {
-            return reply.attr(&self.ttl, &file_attr(attr));
-        }
-        let ns = self.snapshot();
-        match ns.node(ino.0) {
-            Some(node) => reply.attr(&self.ttl, &file_attr(&ns.attr(node))),
-            None => reply.error(fail(FsError::NotFound)),
+        match self.vfs.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
+            Err(e) => reply.error(fail(e)),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
-        match self.open_file(ino.0, flags, &reply) {
-            // The kernel refuses page-cache flags on a passthrough open (FOPEN_PASSTHROUGH_MASK).
-            Ok((fh, _, Some(id))) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        // Fetcher::open may start a transfer; it must run on our runtime.
+        let decided = {
+            let _rt = self.rt.enter();
+            self.vfs.open(ino.0, write)
+        };
+        let d = match decided {
+            Ok(d) => d,
+            Err(e) => return reply.error(fail(e)),
+        };
+        let keep_cache = if d.passthrough {
+            match self.backing_for(d.fh, ino.0, &reply) {
+                // The kernel refuses page-cache flags on a passthrough open.
+                Some(id) => {
+                    return reply.opened_passthrough(FileHandle(d.fh), FopenFlags::empty(), &id);
+                }
+                None => self.vfs.passthrough_refused(d.fh),
             }
-            Ok((fh, flags, None)) => reply.opened(FileHandle(fh), flags),
-            Err(e) => reply.error(fail(e)),
-        }
+        } else {
+            d.keep_cache
+        };
+        let flags = if keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(d.fh), flags);
     }
 
     fn read(
@@ -336,45 +290,18 @@ impl Filesystem for BinpkgFs {
             offset,
             size
         );
-        let open = match self.handle(fh) {
-            Ok(open) => open,
-            Err(e) => return reply.error(fail(e)),
-        };
-        match &*open {
-            Open::Index(raw) => {
-                let start = (offset as usize).min(raw.len());
-                let end = start.saturating_add(size as usize).min(raw.len());
-                reply.data(&raw[start..end]);
+        // Reads that may wait for the network run as tasks, so one slow package never blocks
+        // the FUSE loop.
+        let vfs = self.vfs.clone();
+        self.rt.spawn(
+            async move {
+                match vfs.read(fh.0, offset, size).await {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(fail(e)),
+                }
             }
-            Open::Package { .. } => {
-                let notifier = self.notifier.clone();
-                self.rt.spawn(
-                    async move {
-                        let Open::Package { blob, .. } = &*open else {
-                            unreachable!()
-                        };
-                        match blob.read(offset, size).await {
-                            Ok(data) => reply.data(&data),
-                            Err(e) => reply.error(fail(e)),
-                        }
-                        // After a promotion, drop the pages this file got from ranged reads,
-                        // so every byte a whole reader gets passes the check. Off the runtime
-                        // (the kernel may wait for pages other reads still hold) and after
-                        // the reply (this read's own pages are among them).
-                        if blob.take_needs_inval()
-                            && let Some(n) = notifier.get().cloned()
-                        {
-                            tokio::task::spawn_blocking(move || {
-                                if let Err(e) = n.inval_inode(ino, 0, -1) {
-                                    debug!("page cache invalidation: {e}");
-                                }
-                            });
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
-        }
+            .instrument(span),
+        );
     }
 
     fn release(
@@ -387,21 +314,8 @@ impl Filesystem for BinpkgFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let open = self.handles.lock().unwrap().remove(&fh.0);
-        if let Some(open) = open
-            && let Open::Package {
-                backing: None,
-                attr,
-                ..
-            } = &*open
-        {
-            let mut pt = self.passthrough.lock().unwrap();
-            if let Some(n) = pt.cached_opens.get_mut(&attr.ino) {
-                *n -= 1;
-                if *n == 0 {
-                    pt.cached_opens.remove(&attr.ino);
-                }
-            }
+        if self.vfs.release(fh.0) {
+            self.handle_backing.lock().unwrap().remove(&fh.0);
         }
         reply.ok();
     }
@@ -418,7 +332,8 @@ impl Filesystem for BinpkgFs {
     }
 
     /// `ENOSYS` tells the kernel we keep no directory state, so it stops sending OPENDIR and
-    /// RELEASEDIR (two requests per directory in a walk). Directories are stateless here.
+    /// RELEASEDIR (two requests per directory in a walk). A listing is pinned to its tree by
+    /// its cookies instead (see `vfs`).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         reply.error(Errno::ENOSYS);
     }
@@ -432,16 +347,10 @@ impl Filesystem for BinpkgFs {
         mut reply: ReplyDirectory,
     ) {
         let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
-        let ns = self.snapshot();
-        let full = entries(&ns, ino.0, offset, |i, a, name| {
-            let kind = if a.is_dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            reply.add(INodeNo(a.ino), i + 1, kind, name)
+        let listed = self.vfs.readdir(ino.0, offset, false, |cookie, a, name| {
+            reply.add(INodeNo(a.ino), cookie, file_type(a), name)
         });
-        match full {
+        match listed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(e)),
         }
@@ -456,26 +365,25 @@ impl Filesystem for BinpkgFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _s = debug_span!("readdirplus", req = req.unique().0, ino = ino.0, offset).entered();
-        let ns = self.snapshot();
         let ttl = self.ttl;
-        let full = entries(&ns, ino.0, offset, |i, a, name| {
+        let listed = self.vfs.readdir(ino.0, offset, true, |cookie, a, name| {
             reply.add(
                 INodeNo(a.ino),
-                i + 1,
+                cookie,
                 name,
                 &ttl,
                 &file_attr(a),
                 Generation(0),
             )
         });
-        match full {
+        match listed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(e)),
         }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let ns = self.snapshot();
+        let ns = self.vfs.current();
         let bytes: u64 = ns.index.packages.iter().map(|p| p.size).sum();
         let bsize = 4096u32;
         reply.statfs(
@@ -494,9 +402,10 @@ impl Filesystem for BinpkgFs {
         if mask.contains(AccessFlags::W_OK) {
             return reply.error(fail(FsError::ReadOnly));
         }
-        match self.snapshot().node(ino.0) {
-            Some(_) => reply.ok(),
-            None => reply.error(fail(FsError::NotFound)),
+        if self.vfs.exists(ino.0) {
+            reply.ok()
+        } else {
+            reply.error(fail(FsError::NotFound))
         }
     }
 

@@ -35,3 +35,4 @@ pub mod snapshot;
 pub mod status;
 pub mod union;
 pub mod verify;
+pub mod vfs;

@@ -151,6 +151,12 @@ impl Namespace {
         })
     }
 
+    /// The directory holding `ino` and its name there; `None` for the root or an unknown inode.
+    pub fn parent_and_name(&self, ino: u64) -> Option<(u64, &str)> {
+        let node = self.node(ino).filter(|n| n.ino != ROOT_INO)?;
+        Some((self.nodes[node.parent as usize].ino, &node.name))
+    }
+
     pub fn package(&self, node: &Node) -> Option<&Package> {
         match node.kind {
             NodeKind::Package(i) => self.index.packages.get(i as usize),

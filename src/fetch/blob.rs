@@ -42,8 +42,6 @@ pub struct Blob {
     pub(super) tail_served: AtomicBool,
     /// The prefix the whole transfer adopted from the sparse file.
     pub(super) adopted: AtomicU64,
-    /// Pages the kernel cached from sparse reads must be dropped (set on promotion).
-    pub(super) needs_inval: AtomicBool,
     /// The last ranged-read failure logged, so a failing file is logged once, not per read.
     pub(super) last_warning: Mutex<Option<String>>,
     pub(super) store: Arc<Store>,
@@ -135,10 +133,15 @@ impl Blob {
         matches!(*self.state.borrow(), State::Sparse)
     }
 
-    /// True once after promotion of a sparse blob: the caller must drop the kernel's cached
-    /// pages of this file, which came from unchecked ranged reads.
-    pub fn take_needs_inval(&self) -> bool {
-        self.needs_inval.swap(false, Ordering::AcqRel)
+    /// The moments at which pages the kernel cached from this blob's unchecked reads must be
+    /// dropped: its promotion (later reads come from the verified stream) and its completion.
+    /// Holds no reference to the blob, so watching never keeps a file pinned.
+    pub fn page_events(&self) -> PageEvents {
+        PageEvents {
+            state: self.state.clone(),
+            promoted: !self.is_sparse(),
+            done: false,
+        }
     }
 
     /// Starts the whole, verified transfer of this file, once; it adopts the gap-free prefix
@@ -161,7 +164,6 @@ impl Blob {
         let _ = self.file.set(file.clone());
         if let Some(sparse) = &self.sparse {
             self.adopted.store(sparse.prefix_len(), Ordering::Release);
-            self.needs_inval.store(true, Ordering::Release);
             // Lingering is for ranged blocks; a promoted blob must not keep its cache entry
             // pinned (and unevictable) after its readers are gone.
             fetcher
@@ -209,6 +211,50 @@ impl Blob {
 
     pub(super) fn failed(&self) -> bool {
         matches!(*self.state.borrow(), State::Failed(_))
+    }
+}
+
+/// What happened to a blob, as far as the kernel's cached pages of it are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageEvent {
+    /// A sparse blob became a whole transfer.
+    Promoted,
+    /// The whole file is verified: every read from now on returns checked bytes.
+    Complete,
+}
+
+/// See `Blob::page_events`.
+pub struct PageEvents {
+    state: watch::Receiver<State>,
+    promoted: bool,
+    done: bool,
+}
+
+impl PageEvents {
+    /// The next event; `None` once there will be none (failed, or the blob is gone).
+    pub async fn next(&mut self) -> Option<PageEvent> {
+        let state = self
+            .state
+            .wait_for(|s| match s {
+                State::Sparse => false,
+                State::Receiving(_) => !self.promoted,
+                State::Complete | State::Failed(_) => true,
+            })
+            .await
+            .ok()?
+            .clone();
+        match state {
+            State::Receiving(_) => {
+                self.promoted = true;
+                Some(PageEvent::Promoted)
+            }
+            State::Complete if !self.done => {
+                self.done = true;
+                Some(PageEvent::Complete)
+            }
+            State::Complete => None,
+            State::Sparse | State::Failed(_) => None,
+        }
     }
 }
 

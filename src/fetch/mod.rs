@@ -42,8 +42,8 @@ use crate::index::{CacheKey, Package};
 use crate::remote::{Endpoint, ErrorKind, RETRY};
 use crate::verify::VerifyMode;
 
-pub use blob::Blob;
 use blob::State;
+pub use blob::{Blob, PageEvent, PageEvents};
 use sparse::Sparse;
 pub(crate) use writer::write_making_room;
 
@@ -266,7 +266,6 @@ impl Fetcher {
             sparse,
             tail_served: AtomicBool::new(false),
             adopted: AtomicU64::new(0),
-            needs_inval: AtomicBool::new(false),
             last_warning: Mutex::new(None),
             store: self.store.clone(),
         })
