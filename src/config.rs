@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::BinhostUrl;
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/binpkgfs";
 pub const DEFAULT_MOUNTPOINT: &str = "/var/cache/binpkgs";
@@ -50,6 +53,10 @@ pub enum Command {
     },
     /// Fetch packages into a mounted binpkgfs's cache now, by reading them through the mount.
     Prefetch(PrefetchArgs),
+    /// Internal: the detached daemon. It reads its validated `MountConfig` (JSON) from stdin,
+    /// so no setting, and no password, is on its command line.
+    #[command(hide = true)]
+    Daemon,
 }
 
 #[derive(Debug, Args)]
@@ -135,20 +142,28 @@ pub struct MountArgs {
     /// does ranges; 1 fetches each package as one stream [default: 4].
     #[arg(long)]
     pub streams: Option<String>,
+    /// Credentials for the binhost from FILE, as curl and wget read `.netrc`
+    /// (`machine HOST login USER password PASS`); the file must be private (mode 600).
+    #[arg(long)]
+    pub netrc_file: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for an https binhost, on top of the system's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, streams=, noprefetch, nopassthrough, allow_other, and the usual mount
-    /// words.
+    /// stall_timeout=, mtimedb=, streams=, netrc_file=, ca_file=, noprefetch, nopassthrough,
+    /// allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
-    /// Internal: report readiness on stdout (used by the detaching parent).
-    #[arg(long, hide = true)]
-    pub notify_ready: bool,
 }
 
-/// Everything a mount needs, checked.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything a mount needs, checked. The detaching parent hands it to the daemon as JSON over
+/// a pipe (see `daemon`), so it holds only settled values. `Debug` never shows a password.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MountConfig {
-    pub url: String,
+    /// The binhost; shown without its credentials.
+    pub url: BinhostUrl,
+    /// Extra CA certificates (PEM) for an https binhost.
+    pub ca_file: Option<PathBuf>,
     pub mountpoint: PathBuf,
     pub foreground: bool,
     pub notify_ready: bool,
@@ -213,6 +228,8 @@ impl MountConfig {
         let mut streams = None;
         let mut allow_other = None;
         let mut mtimedb = None;
+        let mut netrc_file = None;
+        let mut ca_file = None;
         let mut no_prefetch = a.no_prefetch;
         let mut passthrough = !a.no_passthrough;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
@@ -226,6 +243,8 @@ impl MountConfig {
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
                 Some(("streams", v)) => streams = Some(v.to_string()),
+                Some(("netrc_file", v)) => netrc_file = Some(PathBuf::from(v)),
+                Some(("ca_file", v)) => ca_file = Some(PathBuf::from(v)),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
@@ -276,11 +295,21 @@ impl MountConfig {
             .mtimedb
             .or(mtimedb)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MTIMEDB));
+        let mut url = BinhostUrl::parse(&a.url);
+        if let Some(netrc) = a.netrc_file.or(netrc_file) {
+            url = url.with_netrc(&netrc)?;
+        }
+        let ca_file = a.ca_file.or(ca_file).map(|p| absolute(&p)).transpose()?;
+        if let Some(ca) = &ca_file {
+            // Read now, so a wrong path is an error before anything starts.
+            std::fs::metadata(ca).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+        }
         Ok(MountConfig {
-            url: a.url,
+            url,
+            ca_file,
             mountpoint: absolute(&a.mountpoint)?,
             foreground: a.foreground,
-            notify_ready: a.notify_ready,
+            notify_ready: false,
             cache_dir: absolute(&cache_dir)?,
             cache_size,
             index_ttl,

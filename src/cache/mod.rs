@@ -10,6 +10,11 @@
 //! * `lock`: held with `flock` for the daemon's life; a second daemon on the same directory
 //!   refuses to start instead of corrupting the first one's accounting.
 //!
+//! The directory is private (created 0700; world access removed from an older one): it holds
+//! the saved index and the log. The daemon runs as root, so `objects/`, `partial/` and `index/`
+//! must be real directories, never symlinks: a planted `partial/` link would make start-up
+//! delete files wherever it points.
+//!
 //! Size is bounded by LRU eviction of entries nobody has open (pinned entries are skipped).
 //! The LRU order survives restarts through the files' mtimes, which are bumped on every hit.
 //! Start-up reads directory entries and metadata only, never cached bytes.
@@ -17,7 +22,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -41,6 +46,31 @@ pub enum StoreError {
     },
     #[error("cache directory {0} is in use by another binpkgfs (lock file held)")]
     Locked(PathBuf),
+    #[error("cache directory: {0} is a symlink; refusing to use it (make it a directory)")]
+    Symlink(PathBuf),
+}
+
+/// Creates `dir` (and its parents) mode 0700, or removes world access from an existing one.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = fs::metadata(dir)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o007 != 0 && meta.uid() == unsafe { libc::geteuid() } {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7770))?;
+    }
+    Ok(())
+}
+
+/// Creates the subdirectory `path` unless it is there, refusing a symlink.
+fn create_subdir(path: &Path) -> Result<(), StoreError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(StoreError::Symlink(path.to_path_buf())),
+        _ => fs::create_dir_all(path).map_err(|source| StoreError::Io {
+            dir: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 pub struct Store {
@@ -92,13 +122,15 @@ impl Store {
         };
         let objects = dir.join("objects");
         let partial = dir.join("partial");
-        for d in [dir, &objects, &partial, &dir.join("index")] {
-            fs::create_dir_all(d).map_err(err)?;
+        create_private_dir(dir).map_err(err)?;
+        for d in [&objects, &partial, &dir.join("index")] {
+            create_subdir(d)?;
         }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(dir.join("lock"))
             .map_err(err)?;
         // SAFETY: flock on a valid fd we own.
@@ -351,6 +383,25 @@ mod tests {
         assert!(!store.contains(&key(2)));
         assert_eq!(store.usage().entries, 1);
         assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn symlinked_subdirectories_are_refused_and_their_targets_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        for sub in ["objects", "partial", "index"] {
+            let dir = tempfile::tempdir().unwrap();
+            let victim = tempfile::tempdir().unwrap();
+            fs::write(victim.path().join("precious"), b"x").unwrap();
+            std::os::unix::fs::symlink(victim.path(), dir.path().join(sub)).unwrap();
+            let e = Store::open(dir.path(), 1).err().expect(sub).to_string();
+            assert!(e.contains("is a symlink") && e.contains(sub), "{e}");
+            assert!(victim.path().join("precious").exists(), "{sub}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("new");
+        let _store = Store::open(&cache, 1).unwrap();
+        let mode = fs::metadata(&cache).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

@@ -190,6 +190,7 @@ mod tests {
         let opts = RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_millis(300),
+            ..RemoteOptions::default()
         };
         let t = LocalDir::new(d.path().to_path_buf(), &opts);
         (d, t)

@@ -19,9 +19,12 @@ mod endpoint;
 mod file;
 mod http;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::credentials::Credentials;
 
 pub use crate::index::Validators;
 pub use endpoint::Endpoint;
@@ -72,11 +75,15 @@ pub enum IndexFetch {
 }
 
 /// Settings for transports, from the validated config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// A transfer that delivers nothing for this long is cut.
     pub stall_timeout: Duration,
+    /// HTTP Basic auth, kept apart from the URL so that no URL shown anywhere carries it.
+    pub credentials: Option<Credentials>,
+    /// Extra CA certificates (PEM) for https, on top of the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A binhost as the fetcher and the refresher see it.
@@ -253,6 +260,7 @@ mod tests {
         RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
+            ..RemoteOptions::default()
         }
     }
 
