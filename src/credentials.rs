@@ -98,7 +98,11 @@ impl BinhostUrl {
     /// Fills in credentials from a netrc file: the URL's own password wins (as in curl); a URL
     /// with a user name only takes the password of that login.
     pub fn with_netrc(mut self, path: &Path) -> Result<BinhostUrl, String> {
-        if self.credentials.as_ref().is_some_and(|c| c.password.is_some()) {
+        if self
+            .credentials
+            .as_ref()
+            .is_some_and(|c| c.password.is_some())
+        {
             return Ok(self);
         }
         let text = read_private(path)?;
@@ -283,9 +287,15 @@ mod tests {
         assert_eq!(u.as_str(), "https://bin.example.org:8443/amd64");
         assert_eq!(u.to_string(), u.as_str());
         let c = u.credentials().unwrap();
-        assert_eq!((c.user.as_str(), c.password.as_deref()), ("alice", Some("s@cret")));
+        assert_eq!(
+            (c.user.as_str(), c.password.as_deref()),
+            ("alice", Some("s@cret"))
+        );
         let debug = format!("{u:?}");
-        assert!(!debug.contains("cret") && debug.contains("alice"), "{debug}");
+        assert!(
+            !debug.contains("cret") && debug.contains("alice"),
+            "{debug}"
+        );
         // Without userinfo the URL is kept exactly as given (mount source, saved-index key).
         let u = BinhostUrl::parse("http://127.0.0.1:8080");
         assert_eq!(u.as_str(), "http://127.0.0.1:8080");
@@ -303,7 +313,10 @@ mod tests {
                     machine bin.example.org login bob password hunter2\n\
                     default login anon password guest\n";
         let c = lookup(text, "bin.example.org", None).unwrap();
-        assert_eq!((c.user.as_str(), c.password.as_deref()), ("alice", Some("s3 cret\"")));
+        assert_eq!(
+            (c.user.as_str(), c.password.as_deref()),
+            ("alice", Some("s3 cret\""))
+        );
         let c = lookup(text, "bin.example.org", Some("bob")).unwrap();
         assert_eq!(c.password.as_deref(), Some("hunter2"));
         let c = lookup(text, "elsewhere", None).unwrap();
@@ -327,7 +340,9 @@ mod tests {
         assert_eq!(got.credentials().unwrap().password.as_deref(), Some("p"));
         assert_eq!(got.as_str(), "https://h/x");
         // The URL's own password wins; a missing entry is a clear error.
-        let own = BinhostUrl::parse("https://u:mine@h/x").with_netrc(&path).unwrap();
+        let own = BinhostUrl::parse("https://u:mine@h/x")
+            .with_netrc(&path)
+            .unwrap();
         assert_eq!(own.credentials().unwrap().password.as_deref(), Some("mine"));
         let e = BinhostUrl::parse("https://other/x")
             .with_netrc(&path)

@@ -231,13 +231,26 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         .thread_name("binpkgfs-io")
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
+    let result = run_on(cfg, notify, &rt);
+    // Not a plain drop: that waits for every blocking task, and one stuck in the kernel on a
+    // hung file:// binhost never ends.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// Opens the stages, mounts, serves, and unmounts; every early return unmounts first.
+fn run_on(
+    cfg: &MountConfig,
+    notify: &mut Notifier,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), String> {
     // Everything that can fail without a mount is done before mounting: nothing to undo.
-    let backend = open_backend(cfg, &rt)?;
+    let backend = open_backend(cfg, rt)?;
     let signals = rt
         .block_on(async { Signals::new() })
         .map_err(|e| format!("signal handlers: {e}"))?;
     let pid_file = cfg.pid_file.as_deref().map(PidFile::create).transpose()?;
-    let mut mounted = Mounted::mount(cfg, &backend, &rt)?;
+    let mut mounted = Mounted::mount(cfg, &backend, rt)?;
     // From here on, an early return drops `mounted`, which unmounts: nothing is left behind.
     if let Err(e) = fs::read_dir(&cfg.mountpoint) {
         return Err(format!("mounted, but the tree is not listable: {e}"));
@@ -258,13 +271,11 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
             backend.fetcher.clone(),
         ))
     });
-    let result = mounted.wait_for_end(&rt, signals);
+    let result = mounted.wait_for_end(rt, signals);
     refresher.abort();
     if let Some(p) = prefetcher {
         p.abort();
     }
-    drop(pid_file);
-    rt.shutdown_timeout(Duration::from_secs(2));
     result
 }
 
@@ -341,7 +352,10 @@ impl PidFile {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        // Only a file we wrote: `--pid-file /dev/null` (or a device named by mistake) stays.
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.is_file()) {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -53,7 +53,10 @@ pub enum StoreError {
 /// Creates `dir` (and its parents) mode 0700, or removes world access from an existing one.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let meta = fs::metadata(dir)?;
     let mode = meta.permissions().mode();
     if mode & 0o007 != 0 && meta.uid() == unsafe { libc::geteuid() } {
