@@ -284,10 +284,10 @@ impl Store {
     }
 
     /// Removes the least recently used unpinned entry, to make room on a full disk. `false`
-    /// when there is none.
+    /// when there is none. Called from the writer, on the blocking pool.
     pub fn evict_one(&self) -> bool {
-        let mut inner = self.inner.lock().unwrap();
-        match inner.pop_lru_unpinned() {
+        let key = self.inner.lock().unwrap().pop_lru_unpinned();
+        match key {
             Some(key) => {
                 warn!(%key, "cache disk full: evicting to make room");
                 let _ = fs::remove_file(self.object_path(&key));
@@ -297,21 +297,43 @@ impl Store {
         }
     }
 
-    /// Removes least recently used, unpinned entries until the total fits the limit. Files
-    /// are removed under the lock, so a concurrent commit or open of the same key can never
-    /// see (or lose) a half-evicted entry.
+    /// Removes least recently used, unpinned entries until the total fits the limit.
+    ///
+    /// The entries leave the accounting under the lock; their files are unlinked after it, on
+    /// the blocking pool when there is a runtime (a blob's last drop may run on a worker), so
+    /// no lock is held across disk I/O and no worker waits for a slow disk. That is safe
+    /// because an evicted key is unpinned: no transfer of it is running, so nothing can commit
+    /// it before the unlink; a new transfer of it starts only once `open_object` finds no
+    /// file, i.e. after the unlink. An open that races the unlink keeps a working descriptor
+    /// and re-enters the key; the next open then finds the file gone and forgets it again.
     pub fn evict(&self) {
-        let mut inner = self.inner.lock().unwrap();
-        while inner.total > self.limit {
-            let Some(key) = inner.pop_lru_unpinned() else {
-                break;
-            };
-            debug!(%key, "evicting");
-            if let Err(e) = fs::remove_file(self.object_path(&key))
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                warn!(%key, error = %e, "could not remove evicted cache entry");
+        let victims: Vec<PathBuf> = {
+            let mut inner = self.inner.lock().unwrap();
+            let mut victims = Vec::new();
+            while inner.total > self.limit {
+                let Some(key) = inner.pop_lru_unpinned() else {
+                    break;
+                };
+                debug!(%key, "evicting");
+                victims.push(self.object_path(&key));
             }
+            victims
+        };
+        if victims.is_empty() {
+            return;
+        }
+        let unlink = move || {
+            for path in victims {
+                if let Err(e) = fs::remove_file(&path)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    warn!(path = %path.display(), error = %e, "could not remove evicted cache entry");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(unlink)),
+            Err(_) => unlink(),
         }
     }
 
