@@ -491,6 +491,34 @@ mod tests {
     }
 
     #[test]
+    fn the_config_crosses_to_the_daemon_whole_but_never_shows_the_password() {
+        let c = cfg(&["--streams", "2", "https://al:s3cret@h/x", "/mnt"]).unwrap();
+        assert_eq!(c.url.as_str(), "https://h/x");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let json = serde_json::to_vec(&c).unwrap();
+        let back: MountConfig = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, c);
+        let creds = back.url.credentials().unwrap();
+        assert_eq!(creds.password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn netrc_and_ca_file_options() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let netrc = dir.path().join("netrc");
+        std::fs::write(&netrc, "machine h login al password pw\n").unwrap();
+        std::fs::set_permissions(&netrc, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let opt = format!("netrc_file={}", netrc.display());
+        let c = cfg(&["-o", &opt, "https://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.url.credentials().unwrap().user, "al");
+        let e = cfg(&["--ca-file", "/nonexistent.pem", "https://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("CA file /nonexistent.pem"), "{e}");
+        let e = cfg(&["--netrc-file", "/nonexistent", "https://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("netrc file /nonexistent"), "{e}");
+    }
+
+    #[test]
     fn relative_paths_become_absolute() {
         let c = cfg(&["--cache-dir", "rel", "http://h/x", "mnt"]).unwrap();
         assert!(c.cache_dir.is_absolute() && c.mountpoint.is_absolute());

@@ -189,6 +189,7 @@ impl Store {
             _lock: lock,
         };
         store.evict();
+        store.forget_indexes_with_credentials();
         let usage = store.usage();
         info!(
             dir = %dir.display(),
@@ -455,5 +456,22 @@ mod tests {
         assert_eq!(raw, b"TIMESTAMP: 1\n");
         assert_eq!(got, v);
         assert!(store.load_index("http://b/").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_saved_index_under_a_url_with_a_password_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaked = dir.path().join("index/0123456789abcdef");
+        fs::create_dir_all(&leaked).unwrap();
+        fs::write(leaked.join("validators"), "url: http://u:pw@h/x\netag: 1\n").unwrap();
+        let store = Store::open(dir.path(), 1).unwrap();
+        assert!(!leaked.exists());
+        let v = Validators::default();
+        store
+            .save_index("http://h/x", b"TIMESTAMP: 1\n", &v)
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 1).unwrap();
+        assert!(store.load_index("http://h/x").unwrap().is_some());
     }
 }
