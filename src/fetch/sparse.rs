@@ -108,6 +108,14 @@ impl Sparse {
 
 impl Drop for Sparse {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // A blob's last drop may run on a runtime worker: unlink on the blocking pool.
+        let path = std::mem::take(&mut self.path);
+        let unlink = move || {
+            let _ = std::fs::remove_file(&path);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(unlink)),
+            Err(_) => unlink(),
+        }
     }
 }
