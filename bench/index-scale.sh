@@ -13,6 +13,8 @@
 #              floor for the walks: the same tree as a local directory of sparse files with the
 #              right sizes and mtimes (page cache warm unless BENCH_DROP_CACHES=1)
 #   RSS        VmRSS and VmHWM of the daemon after the walks
+#   gz         mount ready with Packages.gz beside Packages (asked for first) against a
+#              plain-only binhost in the same rounds; bytes of both files over the wire
 # and prints PASS/FAIL against the issue's bounds (and the stretch targets).
 #
 # Needs root (FUSE mount), nginx, curl, python3. Everything lives in one temp dir and is removed
@@ -177,6 +179,31 @@ for ((r = 1; r <= REPS; r++)); do
     for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
 done
 
+# Packages.gz beside Packages (what Portage publishes): the mount asks for it first. Measured
+# after the plain rounds, alternating with a plain-only mount in each round.
+gzip -6 -k -c "$T/binhost/Packages" >"$T/binhost/Packages.gz"
+GZ_BYTES=$(stat -c %s "$T/binhost/Packages.gz")
+declare -a READY_GZ READY_PLAIN CURL_GZ
+for ((r = 1; r <= REPS; r++)); do
+    echo "index-scale: Packages.gz round $r/$REPS" >&2
+    CURL_GZ+=("$(timed sh -c "curl -sf '$URL/Packages.gz' | gzip -dc >/dev/null")")
+    rm -rf "$T/cache"
+    READY_GZ+=("$(timed "$BINPKGFS" mount --cache-dir "$T/cache" --log-file "$T/binpkgfs.log" \
+        --pid-file "$T/binpkgfs.pid" "$URL" "$MNT")")
+    PID=$(cat "$T/binpkgfs.pid")
+    cmp -s "$MNT/Packages" "$T/binhost/Packages" || die "the mount does not serve Packages.gz's bytes"
+    umount "$MNT"
+    for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
+    mv "$T/binhost/Packages.gz" "$T/Packages.gz.aside"
+    rm -rf "$T/cache"
+    READY_PLAIN+=("$(timed "$BINPKGFS" mount --cache-dir "$T/cache" --log-file "$T/binpkgfs.log" \
+        --pid-file "$T/binpkgfs.pid" "$URL" "$MNT")")
+    PID=$(cat "$T/binpkgfs.pid")
+    umount "$MNT"
+    for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
+    mv "$T/Packages.gz.aside" "$T/binhost/Packages.gz"
+done
+
 [[ $COUNT_MNT == "$COUNT_BASE" ]] ||
     die "the mount shows $COUNT_MNT files, the local tree $COUNT_BASE"
 
@@ -223,8 +250,14 @@ printf '%-22s %10sMi  %-38s %12s  %s\n' "daemon VmRSS" "$m_rss" "-" "-" \
     "< 200 MiB (< 100 MiB): $(verdict "$m_rss" 200 100)"
 printf '%-22s %10sMi  %-38s %12s  %s\n' "daemon VmHWM (peak)" "$m_hwm" "-" "-" \
     "< 200 MiB (< 100 MiB): $(verdict "$m_hwm" 200 100)"
+printf '%-22s %11ss  %-38s %11ss  %s\n' "ready, Packages.gz" "$(median "${READY_GZ[@]}")" \
+    "curl Packages.gz | gzip -d" "$(median "${CURL_GZ[@]}")" \
+    "plain-only mount, same rounds: $(median "${READY_PLAIN[@]}") s"
+echo "index bytes over the wire: Packages.gz $GZ_BYTES, Packages $INDEX_BYTES" \
+    "($(awk -v g="$GZ_BYTES" -v p="$INDEX_BYTES" 'BEGIN { printf "%.1f%%", 100 * g / p }'))"
 echo
 echo "all runs (s): curl ${CURL[*]} | ready ${READY[*]} | remount ${REMOUNT[*]}"
 echo "  walk cold ${WALK_COLD[*]} | warm ${WALK_WARM[*]} | stat ${STAT_WALK[*]}"
 echo "  local cold ${BASE_COLD[*]} | warm ${BASE_WARM[*]} | stat ${BASE_STAT[*]}"
 echo "  VmRSS KiB ${RSS[*]} | VmHWM KiB ${HWM[*]}"
+echo "  ready gz ${READY_GZ[*]} | ready plain-only ${READY_PLAIN[*]} | curl gz ${CURL_GZ[*]}"

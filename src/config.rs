@@ -5,6 +5,7 @@
 //! (`ro`, `_netdev`, `noauto`, ...) are accepted and ignored where they do not concern us, and
 //! `rw` is refused: this filesystem is read-only by design.
 
+use crate::verify::VerifyMode;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -142,6 +143,10 @@ pub struct MountArgs {
     /// does ranges; 1 fetches each package as one stream [default: 4].
     #[arg(long)]
     pub streams: Option<String>,
+    /// Which digests a download is checked against: `strongest` (the strongest the index
+    /// carries: BLAKE2B, SHA512, SHA1, then MD5) or `all` [default: strongest].
+    #[arg(long)]
+    pub verify: Option<String>,
     /// Credentials for the binhost from FILE, as curl and wget read `.netrc`
     /// (`machine HOST login USER password PASS`); the file must be private (mode 600).
     #[arg(long)]
@@ -150,8 +155,8 @@ pub struct MountArgs {
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, streams=, netrc_file=, ca_file=, noprefetch, nopassthrough,
-    /// allow_other, and the usual mount words.
+    /// stall_timeout=, mtimedb=, streams=, verify=, netrc_file=, ca_file=, noprefetch,
+    /// nopassthrough, allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
 }
@@ -183,6 +188,8 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// Parallel ranged streams per large package (1: one stream).
     pub streams: usize,
+    /// Which digests a download is checked against.
+    pub verify: VerifyMode,
 }
 
 /// Mount words that are someone else's business (mount(8), netmount, systemd) or already true.
@@ -226,6 +233,7 @@ impl MountConfig {
         let mut pid_file = None;
         let mut stall = None;
         let mut streams = None;
+        let mut verify = None;
         let mut allow_other = None;
         let mut mtimedb = None;
         let mut netrc_file = None;
@@ -243,6 +251,7 @@ impl MountConfig {
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
                 Some(("streams", v)) => streams = Some(v.to_string()),
+                Some(("verify", v)) => verify = Some(v.to_string()),
                 Some(("netrc_file", v)) => netrc_file = Some(PathBuf::from(v)),
                 Some(("ca_file", v)) => ca_file = Some(PathBuf::from(v)),
                 // fstab comments and systemd's x-* words.
@@ -283,6 +292,11 @@ impl MountConfig {
                 _ => return Err(format!("streams {s:?}: expected 1 to {MAX_STREAMS}")),
             },
         };
+        let verify = match a.verify.or(verify).as_deref().map(str::trim) {
+            None | Some("strongest") => VerifyMode::Strongest,
+            Some("all") => VerifyMode::All,
+            Some(v) => return Err(format!("verify {v:?}: expected `strongest` or `all`")),
+        };
         let log_level = a.log_level.or(log_level).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| format!("log level {log_level:?}: {e}"))?;
@@ -322,6 +336,7 @@ impl MountConfig {
             prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
             passthrough,
             streams,
+            verify,
         })
     }
 }
@@ -420,6 +435,29 @@ mod tests {
         let c = cfg(&["http://h/x", "/mnt"]).unwrap();
         assert_eq!(c.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
         assert_eq!(c.cache_size, DEFAULT_CACHE_SIZE);
+    }
+
+    #[test]
+    fn verify_mode_defaults_to_the_strongest_digest() {
+        use crate::verify::VerifyMode;
+        assert_eq!(
+            cfg(&["http://h/x", "/mnt"]).unwrap().verify,
+            VerifyMode::Strongest
+        );
+        assert_eq!(
+            cfg(&["-o", "verify=all", "http://h/x", "/mnt"])
+                .unwrap()
+                .verify,
+            VerifyMode::All
+        );
+        assert_eq!(
+            cfg(&["--verify", "all", "http://h/x", "/mnt"])
+                .unwrap()
+                .verify,
+            VerifyMode::All
+        );
+        let e = cfg(&["-o", "verify=md5", "http://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("verify"), "{e}");
     }
 
     #[test]

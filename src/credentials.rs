@@ -22,11 +22,14 @@ use std::path::Path;
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 
-/// A user name and password for HTTP Basic auth.
+/// A user name and password for HTTP Basic auth, and the one origin (scheme, host, port) they
+/// are for: a transport for any other server (an index's `URI` header may name one) does not
+/// send them, as reqwest does not on a redirect to another origin.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     pub user: String,
     pub password: Option<String>,
+    pub origin: String,
 }
 
 impl fmt::Debug for Credentials {
@@ -35,6 +38,7 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("user", &self.user)
             .field("password", &password)
+            .field("origin", &self.origin)
             .finish()
     }
 }
@@ -77,6 +81,7 @@ impl BinhostUrl {
         let credentials = Credentials {
             user: decode(url.username()),
             password: url.password().map(decode),
+            origin: url.origin().ascii_serialization(),
         };
         let _ = url.set_username("");
         let _ = url.set_password(None);
@@ -106,10 +111,12 @@ impl BinhostUrl {
             return Ok(self);
         }
         let text = read_private(path)?;
-        let host = reqwest::Url::parse(&self.shown)
-            .ok()
+        let url = reqwest::Url::parse(&self.shown).ok();
+        let host = url
+            .as_ref()
             .and_then(|u| u.host_str().map(str::to_string))
             .ok_or_else(|| format!("netrc file {}: the URL has no host", path.display()))?;
+        let origin = url.map(|u| u.origin().ascii_serialization());
         let user = self.credentials.as_ref().map(|c| c.user.as_str());
         let found = lookup(&text, &host, user).ok_or_else(|| {
             format!(
@@ -118,7 +125,10 @@ impl BinhostUrl {
                 user.map(|u| format!(" and login {u}")).unwrap_or_default()
             )
         })?;
-        self.credentials = Some(found);
+        self.credentials = Some(Credentials {
+            origin: origin.unwrap_or_default(),
+            ..found
+        });
         Ok(self)
     }
 }
@@ -243,6 +253,7 @@ fn lookup(text: &str, host: &str, user: Option<&str>) -> Option<Credentials> {
                 Credentials {
                     user: String::new(),
                     password: None,
+                    origin: String::new(),
                 },
             )),
             "default" => entries.push((
@@ -250,6 +261,7 @@ fn lookup(text: &str, host: &str, user: Option<&str>) -> Option<Credentials> {
                 Credentials {
                     user: String::new(),
                     password: None,
+                    origin: String::new(),
                 },
             )),
             "login" | "password" | "account" => {
@@ -339,6 +351,7 @@ mod tests {
         let got = url.clone().with_netrc(&path).unwrap();
         assert_eq!(got.credentials().unwrap().password.as_deref(), Some("p"));
         assert_eq!(got.as_str(), "https://h/x");
+        assert_eq!(got.credentials().unwrap().origin, "https://h");
         // The URL's own password wins; a missing entry is a clear error.
         let own = BinhostUrl::parse("https://u:mine@h/x")
             .with_netrc(&path)

@@ -292,15 +292,22 @@ fn prepare_process(cfg: &MountConfig) -> Result<(), String> {
 
 fn open_backend(cfg: &MountConfig, rt: &tokio::runtime::Runtime) -> Result<Backend, String> {
     let store = Arc::new(Store::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| e.to_string())?);
-    let endpoint = Arc::new(Endpoint::new(
-        remote::connect(cfg.url.as_str(), &remote_options(cfg)).map_err(|e| e.to_string())?,
-    ));
+    let endpoint = Arc::new(
+        Endpoint::new(
+            remote::connect(cfg.url.as_str(), &remote_options(cfg)).map_err(|e| e.to_string())?,
+        )
+        .with_options(remote_options(cfg)),
+    );
     let lifecycle = Arc::new(rt.block_on(Lifecycle::start(
         endpoint.clone(),
         store.clone(),
         cfg.url.as_str().to_string(),
     ))?);
-    let fetcher = Arc::new(Fetcher::new(endpoint, store).with_streams(cfg.streams));
+    let fetcher = Arc::new(
+        Fetcher::new(endpoint, store)
+            .with_streams(cfg.streams)
+            .with_verify(cfg.verify),
+    );
     Ok(Backend { lifecycle, fetcher })
 }
 

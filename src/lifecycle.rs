@@ -57,7 +57,7 @@ impl Lifecycle {
         let since = saved_index
             .as_ref()
             .and_then(|_| saved.as_ref().map(|(_, v)| v));
-        let (index, validators, result) = match remote.transport().fetch_index(since).await {
+        let (index, validators, result) = match remote.index_transport().fetch_index(since).await {
             Ok(IndexFetch::NotModified) => {
                 let v = since.cloned().unwrap_or_default();
                 (
@@ -99,6 +99,7 @@ impl Lifecycle {
                 }
             },
         };
+        remote.follow_uri(index.uri.as_deref());
         let ns = build(index);
         info!(
             url,
@@ -134,7 +135,12 @@ impl Lifecycle {
     pub async fn refresh(&self) {
         let since = self.last.lock().unwrap().validators.clone();
         let since = (since != Validators::default()).then_some(since);
-        let (result, validators) = match self.remote.transport().fetch_index(since.as_ref()).await {
+        let (result, validators) = match self
+            .remote
+            .index_transport()
+            .fetch_index(since.as_ref())
+            .await
+        {
             Ok(IndexFetch::NotModified) => ("not modified".to_string(), since.unwrap_or_default()),
             Ok(IndexFetch::Fresh { raw, validators }) => match Index::parse(raw.clone()) {
                 Ok(index) => {
@@ -152,6 +158,7 @@ impl Lifecycle {
                         if let Err(e) = self.store.save_index(&self.url, &raw, &validators) {
                             warn!("could not save the index for offline use: {e}");
                         }
+                        self.remote.follow_uri(index.uri.as_deref());
                         let ns = build(index);
                         let packages = ns.index.packages.len();
                         self.ns.swap(ns);

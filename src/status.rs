@@ -15,6 +15,7 @@ use crate::config::MountConfig;
 use crate::fetch::Fetcher;
 use crate::fs::STATUS_XATTR;
 use crate::lifecycle::Lifecycle;
+use crate::verify::VerifyMode;
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -55,6 +56,10 @@ pub fn reporter(
             "bytes_fetched": s.bytes_fetched.load(Ordering::Relaxed),
             "downloads_in_flight": s.in_flight.load(Ordering::Relaxed),
             "failed_downloads": s.failures.load(Ordering::Relaxed),
+            "verify": match fetcher.verify_mode() {
+                VerifyMode::Strongest => "strongest",
+                VerifyMode::All => "all",
+            },
         })
         .to_string()
     })
@@ -122,7 +127,8 @@ pub fn render(v: &Value) -> String {
          index:      {}, {} packages, {} refused entries\n\
          last check: {}s ago: {}\n\
          cache:      {} of {} in {} entries\n\
-         requests:   {} hits, {} misses, {} fetched, {} in flight, {} failed\n",
+         requests:   {} hits, {} misses, {} fetched, {} in flight, {} failed\n\
+         verify:     SIZE and {}\n",
         s("/url"),
         s("/mountpoint"),
         n("/pid"),
@@ -139,5 +145,9 @@ pub fn render(v: &Value) -> String {
         human_bytes(n("/bytes_fetched")),
         n("/downloads_in_flight"),
         n("/failed_downloads"),
+        match s("/verify").as_str() {
+            "all" => "every digest in the index",
+            _ => "the strongest digest in the index (BLAKE2B > SHA512 > SHA1 > MD5)",
+        },
     )
 }

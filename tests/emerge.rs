@@ -10,8 +10,8 @@ mod support;
 use std::fs;
 
 use support::{
-    IndexEntry, LogLine, PortageSandbox, Served, entry_for, extract_gpkg_image, fixture_binhost,
-    fixture_packages, is_mounted, list_files,
+    IndexEntry, LogLine, PortageSandbox, Served, both_modes, entry_for, extract_gpkg_image,
+    fixture_binhost, fixture_packages, is_mounted, list_files,
 };
 use tempfile::TempDir;
 
@@ -26,121 +26,126 @@ fn is_index(line: &LogLine) -> bool {
     matches!(line.uri.as_str(), "/Packages" | "/Packages.gz")
 }
 
-#[test]
-fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost() {
-    let mut served = Served::new(&[]);
-    let nginx = &served.nginx;
-    let mountpoint = served.mount.path().to_owned();
-    let daemon = served.mount.pid();
-    let sandbox = PortageSandbox::new(&mountpoint);
+both_modes! {
+    fn emerge_usepkgonly_installs_a_dependency_chain_from_an_http_binhost(mode) {
+        let mut served = Served::new(mode, &[]);
+        let nginx = &served.nginx;
+        let mountpoint = served.mount.path().to_owned();
+        let daemon = served.mount.pid();
+        let sandbox = PortageSandbox::new(&mountpoint);
 
-    // (a) Dependency calculation trusts the index and opens no package file.
-    assert_pretend_plans_the_chain(&sandbox);
-    let requests = nginx.requests();
-    assert!(
-        requests.iter().all(is_index),
-        "mount + emerge --pretend requested more than the index: {requests:#?}"
-    );
-    assert!(
-        requests.iter().any(is_index),
-        "binpkgfs never fetched the index from nginx"
-    );
-    assert!(
-        sandbox.installed().is_empty(),
-        "--pretend installed something"
-    );
-
-    // (b) The install fetches each package of the chain once and installs
-    // exactly its files.
-    nginx.clear_log();
-    sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/binpkgfs-demo"]);
-    assert_eq!(sandbox.installed(), CHAIN.map(String::from).to_vec());
-
-    let (chain, others): (Vec<IndexEntry>, Vec<IndexEntry>) = fixture_packages()
-        .into_iter()
-        .partition(|entry| CHAIN.contains(&entry["CPV"].as_str()));
-    assert_eq!(
-        chain.len(),
-        CHAIN.len(),
-        "the fixture lacks part of the chain"
-    );
-    let requests = nginx.requests();
-    let fetches_of = |entry: &IndexEntry| -> Vec<LogLine> {
-        let uri = format!("/{}", entry["PATH"]);
-        requests
-            .iter()
-            .filter(|line| line.uri == uri)
-            .cloned()
-            .collect()
-    };
-    for entry in &chain {
-        let size: u64 = entry["SIZE"].parse().unwrap();
-        let fetches = fetches_of(entry);
+        // (a) Dependency calculation trusts the index and opens no package file.
+        assert_pretend_plans_the_chain(&sandbox);
+        nginx.sync_log();
+        let requests = nginx.requests();
         assert!(
-            matches!(fetches.as_slice(), [only]
-                if only.method == "GET" && only.status == 200 && only.bytes_sent == size),
-            "{} ({size} bytes) should be fetched exactly once, whole (GET 200), \
-             during the install; nginx logged: {fetches:#?}",
-            entry["PATH"]
+            requests.iter().all(is_index),
+            "mount + emerge --pretend requested more than the index: {requests:#?}"
         );
-        assert_installed_as_packaged(&sandbox, entry);
-    }
-    for entry in &others {
-        let fetches = fetches_of(entry);
         assert!(
-            fetches.is_empty(),
-            "{} is not part of the install but was fetched: {fetches:#?}",
-            entry["PATH"]
+            requests.iter().any(is_index),
+            "binpkgfs never fetched the index from nginx"
+        );
+        assert!(
+            sandbox.installed().is_empty(),
+            "--pretend installed something"
+        );
+
+        // (b) The install fetches each package of the chain once and installs
+        // exactly its files.
+        nginx.clear_log();
+        sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/binpkgfs-demo"]);
+        assert_eq!(sandbox.installed(), CHAIN.map(String::from).to_vec());
+
+        let (chain, others): (Vec<IndexEntry>, Vec<IndexEntry>) = fixture_packages()
+            .into_iter()
+            .partition(|entry| CHAIN.contains(&entry["CPV"].as_str()));
+        assert_eq!(
+            chain.len(),
+            CHAIN.len(),
+            "the fixture lacks part of the chain"
+        );
+        nginx.sync_log();
+        let requests = nginx.requests();
+        let fetches_of = |entry: &IndexEntry| -> Vec<LogLine> {
+            let uri = format!("/{}", entry["PATH"]);
+            requests
+                .iter()
+                .filter(|line| line.uri == uri)
+                .cloned()
+                .collect()
+        };
+        for entry in &chain {
+            let size: u64 = entry["SIZE"].parse().unwrap();
+            let fetches = fetches_of(entry);
+            assert!(
+                matches!(fetches.as_slice(), [only]
+                    if only.method == "GET" && only.status == 200 && only.bytes_sent == size),
+                "{} ({size} bytes) should be fetched exactly once, whole (GET 200), \
+                 during the install; nginx logged: {fetches:#?}",
+                entry["PATH"]
+            );
+            assert_installed_as_packaged(&sandbox, entry);
+        }
+        for entry in &others {
+            let fetches = fetches_of(entry);
+            assert!(
+                fetches.is_empty(),
+                "{} is not part of the install but was fetched: {fetches:#?}",
+                entry["PATH"]
+            );
+        }
+
+        // (c) Unmounting leaves no mount and no daemon.
+        served
+            .mount
+            .unmount()
+            .unwrap_or_else(|err| panic!("unmount failed: {err}"));
+        assert!(
+            !is_mounted(&mountpoint),
+            "{} is still mounted",
+            mountpoint.display()
+        );
+        assert!(
+            !support::process_alive(daemon),
+            "binpkgfs daemon {daemon} survived the unmount"
         );
     }
-
-    // (c) Unmounting leaves no mount and no daemon.
-    served
-        .mount
-        .unmount()
-        .unwrap_or_else(|err| panic!("unmount failed: {err}"));
-    assert!(
-        !is_mounted(&mountpoint),
-        "{} is still mounted",
-        mountpoint.display()
-    );
-    assert!(
-        !support::process_alive(daemon),
-        "binpkgfs daemon {daemon} survived the unmount"
-    );
 }
 
-/// With `FEATURES=-pkgdir-index-trusted` Portage stats every package file and
-/// reads its metadata: the mount must report the index's size and mtime and
-/// serve exact bytes, or emerge renames files aside (EROFS) and dies. The
-/// incompressible 1 MiB package then installs byte for byte, and no package
-/// crosses the network twice.
-#[test]
-fn untrusted_index_scan_and_an_incompressible_package_install_byte_for_byte() {
-    let served = Served::new(&[]);
-    let mut sandbox = PortageSandbox::new(served.mount.path());
-    sandbox.add_feature("-pkgdir-index-trusted");
+both_modes! {
+    /// With `FEATURES=-pkgdir-index-trusted` Portage stats every package file and
+    /// reads its metadata: the mount must report the index's size and mtime and
+    /// serve exact bytes, or emerge renames files aside (EROFS) and dies. The
+    /// incompressible 1 MiB package then installs byte for byte, and no package
+    /// crosses the network twice.
+    fn untrusted_index_scan_and_an_incompressible_package_install_byte_for_byte(mode) {
+        let served = Served::new(mode, &[]);
+        let mut sandbox = PortageSandbox::new(served.mount.path());
+        sandbox.add_feature("-pkgdir-index-trusted");
 
-    assert_pretend_plans_the_chain(&sandbox);
+        assert_pretend_plans_the_chain(&sandbox);
 
-    sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-data"]);
-    assert_eq!(sandbox.installed(), ["app-misc/demo-data-1.0"]);
-    assert_installed_as_packaged(&sandbox, &entry_for("app-misc/demo-data-1.0"));
+        sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-data"]);
+        assert_eq!(sandbox.installed(), ["app-misc/demo-data-1.0"]);
+        assert_installed_as_packaged(&sandbox, &entry_for("app-misc/demo-data-1.0"));
+        served.nginx.sync_log();
 
-    for entry in fixture_packages() {
-        let uri = format!("/{}", entry["PATH"]);
-        let whole: u64 = entry["SIZE"].parse().unwrap();
-        let sent: u64 = served
-            .nginx
-            .requests()
-            .iter()
-            .filter(|line| line.uri == uri)
-            .map(|line| line.bytes_sent)
-            .sum();
-        assert!(
-            sent <= whole,
-            "{uri}: nginx sent {sent} bytes of a {whole}-byte file; it crossed the network twice"
-        );
+        for entry in fixture_packages() {
+            let uri = format!("/{}", entry["PATH"]);
+            let whole: u64 = entry["SIZE"].parse().unwrap();
+            let sent: u64 = served
+                .nginx
+                .requests()
+                .iter()
+                .filter(|line| line.uri == uri)
+                .map(|line| line.bytes_sent)
+                .sum();
+            assert!(
+                sent <= whole,
+                "{uri}: nginx sent {sent} bytes of a {whole}-byte file; it crossed the network twice"
+            );
+        }
     }
 }
 

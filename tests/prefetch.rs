@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::{
-    EMERGE_TIMEOUT, IndexEntry, LogLine, PortageSandbox, Served, binpkgfs_bin, entry_for,
-    fixture_binhost, wait_until,
+    EMERGE_TIMEOUT, IndexEntry, LogLine, PortageSandbox, Served, binpkgfs_bin, both_modes,
+    entry_for, fixture_binhost, wait_until,
 };
 use tempfile::TempDir;
 
@@ -80,99 +80,100 @@ impl Drop for Pause {
     }
 }
 
-/// The daemon reads the merge list emerge writes to `EROOT/var/cache/edb/mtimedb` and fetches
-/// every package of the merge: while emerge is held in the first package's setup phase (that
-/// package read, no other opened), nginx has already served the rest. Each package still
-/// crosses the network exactly once, and the install is complete.
-#[test]
-fn merge_list_prefetch_fetches_the_merge_before_emerge_opens_it() {
-    // The sandbox must exist before the mount (the daemon watches its mtimedb) and name its
-    // PKGDIR before the mount point exists: a symlink bridges the two.
-    let scratch = TempDir::new().unwrap();
-    let pkgdir = scratch.path().join("pkgdir");
-    let sandbox = PortageSandbox::new(&pkgdir);
-    // PORTAGE_OVERRIDE_EPREFIX=S and ROOT=/ make EROOT = S.
-    let mtimedb = sandbox.root().join("var/cache/edb/mtimedb");
-    let served = Served::new(&["--mtimedb", mtimedb.to_str().unwrap()]);
-    symlink(served.mount.path(), &pkgdir).unwrap();
-    let pause = Pause::install(&sandbox, CHAIN[0]);
-    served.nginx.clear_log();
+both_modes! {
+    /// The daemon reads the merge list emerge writes to `EROOT/var/cache/edb/mtimedb` and fetches
+    /// every package of the merge: while emerge is held in the first package's setup phase (that
+    /// package read, no other opened), nginx has already served the rest. Each package still
+    /// crosses the network exactly once, and the install is complete.
+    fn merge_list_prefetch_fetches_the_merge_before_emerge_opens_it(mode) {
+        // The sandbox must exist before the mount (the daemon watches its mtimedb) and name its
+        // PKGDIR before the mount point exists: a symlink bridges the two.
+        let scratch = TempDir::new().unwrap();
+        let pkgdir = scratch.path().join("pkgdir");
+        let sandbox = PortageSandbox::new(&pkgdir);
+        // PORTAGE_OVERRIDE_EPREFIX=S and ROOT=/ make EROOT = S.
+        let mtimedb = sandbox.root().join("var/cache/edb/mtimedb");
+        let served = Served::new(mode, &["--mtimedb", mtimedb.to_str().unwrap()]);
+        symlink(served.mount.path(), &pkgdir).unwrap();
+        let pause = Pause::install(&sandbox, CHAIN[0]);
+        served.nginx.clear_log();
 
-    let chain: Vec<IndexEntry> = CHAIN.iter().map(|cpv| entry_for(cpv)).collect();
-    let (all_fetched_during_pause, requests_during_pause) = std::thread::scope(|s| {
-        let emerge =
-            s.spawn(|| sandbox.emerge(&["--oneshot", "--usepkgonly", "app-misc/binpkgfs-demo"]));
-        let reached = wait_until(EMERGE_TIMEOUT, || {
-            pause.reached.exists() || emerge.is_finished()
+        let chain: Vec<IndexEntry> = CHAIN.iter().map(|cpv| entry_for(cpv)).collect();
+        let (all_fetched_during_pause, requests_during_pause) = std::thread::scope(|s| {
+            let emerge =
+                s.spawn(|| sandbox.emerge(&["--oneshot", "--usepkgonly", "app-misc/binpkgfs-demo"]));
+            let reached = wait_until(EMERGE_TIMEOUT, || {
+                pause.reached.exists() || emerge.is_finished()
+            });
+            assert!(
+                reached && pause.reached.exists(),
+                "emerge never reached the setup phase of {}; daemon log:\n{}",
+                CHAIN[0],
+                served.daemon_log()
+            );
+            let all = wait_until(Duration::from_secs(30), || {
+                chain.iter().all(|e| !served.fetches_of(e).is_empty())
+            });
+            let requests = served.nginx.requests();
+            pause.release();
+            let output = emerge.join().expect("emerge thread");
+            assert!(
+                output.status.success(),
+                "emerge failed: {}\n{}\ndaemon log:\n{}",
+                text(&output.stdout),
+                text(&output.stderr),
+                served.daemon_log()
+            );
+            (all, requests)
         });
         assert!(
-            reached && pause.reached.exists(),
-            "emerge never reached the setup phase of {}; daemon log:\n{}",
-            CHAIN[0],
-            served.daemon_log()
+            mtimedb.is_file(),
+            "emerge wrote no {}: the test watches the wrong path",
+            mtimedb.display()
         );
-        let all = wait_until(Duration::from_secs(30), || {
-            chain.iter().all(|e| !served.fetches_of(e).is_empty())
+        let log = served.daemon_log();
+        assert!(
+            all_fetched_during_pause,
+            "while emerge sat in {}'s setup phase, not every package of the merge was fetched; \
+             nginx logged {requests_during_pause:#?}\ndaemon log:\n{log}",
+            CHAIN[0]
+        );
+        let bytes: u64 = chain
+            .iter()
+            .map(|e| e["SIZE"].parse::<u64>().unwrap())
+            .sum();
+        let batch = format!("prefetching the merge list listed=3 matched=3 fetching=3 bytes={bytes}");
+        assert!(
+            log.contains(&batch),
+            "no `{batch}` line in the daemon log:\n{log}"
+        );
+        assert_eq!(
+            log.matches("prefetching the merge list").count(),
+            1,
+            "one merge must be one batch, whatever emerge rewrites as it goes:\n{log}"
+        );
+        assert_eq!(
+            sandbox.installed(),
+            [
+                "app-misc/binpkgfs-demo-0.3",
+                "dev-libs/libdemo-2.1",
+                "sys-apps/demo-base-1.0"
+            ]
+        );
+        for entry in &chain {
+            let fetches = served.fetches_of(entry);
+            assert!(
+                fetched_once_whole(&fetches, entry),
+                "{} should cross the network exactly once, whole; nginx logged {fetches:#?}",
+                entry["PATH"]
+            );
+        }
+        served.settle(&[]);
+        let others = served.nginx.count_matching(|l| {
+            l.is_package() && !chain.iter().any(|e| l.uri == format!("/{}", e["PATH"]))
         });
-        let requests = served.nginx.requests();
-        pause.release();
-        let output = emerge.join().expect("emerge thread");
-        assert!(
-            output.status.success(),
-            "emerge failed: {}\n{}\ndaemon log:\n{}",
-            text(&output.stdout),
-            text(&output.stderr),
-            served.daemon_log()
-        );
-        (all, requests)
-    });
-    assert!(
-        mtimedb.is_file(),
-        "emerge wrote no {}: the test watches the wrong path",
-        mtimedb.display()
-    );
-    let log = served.daemon_log();
-    assert!(
-        all_fetched_during_pause,
-        "while emerge sat in {}'s setup phase, not every package of the merge was fetched; \
-         nginx logged {requests_during_pause:#?}\ndaemon log:\n{log}",
-        CHAIN[0]
-    );
-    let bytes: u64 = chain
-        .iter()
-        .map(|e| e["SIZE"].parse::<u64>().unwrap())
-        .sum();
-    let batch = format!("prefetching the merge list listed=3 matched=3 fetching=3 bytes={bytes}");
-    assert!(
-        log.contains(&batch),
-        "no `{batch}` line in the daemon log:\n{log}"
-    );
-    assert_eq!(
-        log.matches("prefetching the merge list").count(),
-        1,
-        "one merge must be one batch, whatever emerge rewrites as it goes:\n{log}"
-    );
-    assert_eq!(
-        sandbox.installed(),
-        [
-            "app-misc/binpkgfs-demo-0.3",
-            "dev-libs/libdemo-2.1",
-            "sys-apps/demo-base-1.0"
-        ]
-    );
-    for entry in &chain {
-        let fetches = served.fetches_of(entry);
-        assert!(
-            fetched_once_whole(&fetches, entry),
-            "{} should cross the network exactly once, whole; nginx logged {fetches:#?}",
-            entry["PATH"]
-        );
+        assert_eq!(others, 0, "a package outside the merge was fetched");
     }
-    served.settle(&[]);
-    let others = served.nginx.count_matching(|l| {
-        l.is_package() && !chain.iter().any(|e| l.uri == format!("/{}", e["PATH"]))
-    });
-    assert_eq!(others, 0, "a package outside the merge was fetched");
 }
 
 /// Replaces `path` the way Portage does: a temporary file beside it, then `rename`.
@@ -182,10 +183,10 @@ fn replace_atomically(path: &Path, content: &str) {
     fs::rename(&tmp, path).unwrap();
 }
 
-/// An `mtimedb` as Portage 3.0.83 writes it at the start of a merge of `CHAIN`, with the
+/// An `mtimedb` as Portage 3.0.83 writes it at the start of a merge of `cpvs`, with the
 /// first `merged` packages already done.
-fn mtimedb_for_chain(eroot: &Path, merged: usize) -> String {
-    let binpkgs: Vec<String> = CHAIN
+fn mtimedb_for(eroot: &Path, cpvs: &[&str], merged: usize) -> String {
+    let binpkgs: Vec<String> = cpvs
         .iter()
         .map(|cpv| {
             let e = entry_for(cpv);
@@ -198,7 +199,7 @@ fn mtimedb_for_chain(eroot: &Path, merged: usize) -> String {
             )
         })
         .collect();
-    let mergelist: Vec<String> = CHAIN[merged..]
+    let mergelist: Vec<String> = cpvs[merged..]
         .iter()
         .map(|cpv| format!(r#"["binary", "{}/", "{cpv}", "merge"]"#, eroot.display()))
         .collect();
@@ -209,171 +210,179 @@ fn mtimedb_for_chain(eroot: &Path, merged: usize) -> String {
     )
 }
 
-/// The daemon follows an `mtimedb` whose directory appears only after the mount, skips a
-/// half-written file, fetches a merge list once however often emerge rewrites it as it goes;
-/// `-o noprefetch` (watching the very same file) fetches nothing.
-#[test]
-fn merge_list_in_a_later_directory_is_prefetched_once_and_noprefetch_disables_it() {
-    let eroot = TempDir::new().unwrap();
-    let mtimedb = eroot.path().join("var/cache/edb/mtimedb");
-    let on = Served::new(&["--mtimedb", mtimedb.to_str().unwrap()]);
-    let off = Served::new(&["-o", &format!("mtimedb={},noprefetch", mtimedb.display())]);
-    let chain: Vec<IndexEntry> = CHAIN.iter().map(|cpv| entry_for(cpv)).collect();
+both_modes! {
+    /// The daemon follows an `mtimedb` whose directory appears only after the mount, skips a
+    /// half-written file, fetches a merge list once however often emerge rewrites it as it goes;
+    /// `-o noprefetch` (watching the very same file) fetches nothing.
+    fn merge_list_in_a_later_directory_is_prefetched_once_and_noprefetch_disables_it(mode) {
+        let eroot = TempDir::new().unwrap();
+        let mtimedb = eroot.path().join("var/cache/edb/mtimedb");
+        let on = Served::new(mode, &["--mtimedb", mtimedb.to_str().unwrap()]);
+        let off = Served::new(mode, &["-o", &format!("mtimedb={},noprefetch", mtimedb.display())]);
+        let chain: Vec<IndexEntry> = CHAIN.iter().map(|cpv| entry_for(cpv)).collect();
 
-    fs::create_dir_all(mtimedb.parent().unwrap()).unwrap();
-    replace_atomically(&mtimedb, r#"{"resume": {"binpkgs": [{"CPV": "#);
-    replace_atomically(&mtimedb, &mtimedb_for_chain(eroot.path(), 0));
-    on.settle(&chain.iter().collect::<Vec<_>>());
-    // emerge rewrites the file after each package; the merge list shrinks, binpkgs stays.
-    replace_atomically(&mtimedb, &mtimedb_for_chain(eroot.path(), 1));
-    replace_atomically(&mtimedb, &mtimedb_for_chain(eroot.path(), 2));
-    std::thread::sleep(Duration::from_secs(1));
-    on.settle(&[]);
+        fs::create_dir_all(mtimedb.parent().unwrap()).unwrap();
+        replace_atomically(&mtimedb, r#"{"resume": {"binpkgs": [{"CPV": "#);
+        replace_atomically(&mtimedb, &mtimedb_for(eroot.path(), &CHAIN, 0));
+        on.settle(&chain.iter().collect::<Vec<_>>());
+        // emerge rewrites the file after each package; the merge list shrinks, binpkgs stays.
+        replace_atomically(&mtimedb, &mtimedb_for(eroot.path(), &CHAIN, 1));
+        replace_atomically(&mtimedb, &mtimedb_for(eroot.path(), &CHAIN, 2));
+        // Then another merge, of a package outside the chain: once the daemon has fetched it,
+        // it has read the rewrites before it (the watcher takes the file's changes in order).
+        let other = entry_for("app-misc/demo-data-1.0");
+        replace_atomically(&mtimedb, &mtimedb_for(eroot.path(), &["app-misc/demo-data-1.0"], 0));
+        on.settle(&[&other]);
+        off.nginx.sync_log();
 
-    let log = on.daemon_log();
-    for entry in &chain {
-        let fetches = on.fetches_of(entry);
-        assert!(
-            fetched_once_whole(&fetches, entry),
-            "{} should be prefetched exactly once, whole; nginx logged {fetches:#?}\n{log}",
-            entry["PATH"]
-        );
-    }
-    assert_eq!(
-        log.matches("prefetching the merge list").count(),
-        1,
-        "one merge, one batch:\n{log}"
-    );
-    assert_eq!(off.nginx.count_matching(LogLine::is_package), 0);
-    assert!(!off.daemon_log().contains("prefetching the merge list"));
-}
-
-/// `binpkgfs prefetch` by name, by CPV and by path fetches exactly those packages, once; a later
-/// read is served from the cache; an unknown atom is a clear error and fetches nothing.
-#[test]
-fn prefetch_command_fetches_named_packages_once_and_reads_then_hit_the_cache() {
-    let served = Served::new(&["--no-prefetch"]);
-    let libdemo = entry_for("dev-libs/libdemo-2.1");
-
-    let out = run_prefetch(&served, &["dev-libs/libdemo"]);
-    assert!(
-        out.status.success(),
-        "prefetch failed: {}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("prefetched 1 packages"),
-        "summary line: {}",
-        text(&out.stdout)
-    );
-    served.settle(&[&libdemo]);
-    let fetches = served.fetches_of(&libdemo);
-    assert!(
-        fetched_once_whole(&fetches, &libdemo),
-        "libdemo should be fetched once, whole: {fetches:#?}"
-    );
-    assert_eq!(
-        served.nginx.count_matching(LogLine::is_package),
-        1,
-        "only libdemo was asked for: {:#?}",
-        served.nginx.requests()
-    );
-
-    served.nginx.clear_log();
-    let bytes = fs::read(served.mount.path().join(&libdemo["PATH"])).unwrap();
-    assert_eq!(
-        bytes,
-        fs::read(fixture_binhost().join(&libdemo["PATH"])).unwrap()
-    );
-    served.settle(&[]);
-    assert_eq!(
-        served.nginx.requests(),
-        [],
-        "a read after prefetch must be a cache hit"
-    );
-
-    let out = run_prefetch(
-        &served,
-        &[
-            "=sys-apps/demo-base-1.0",
-            "app-misc/binpkgfs-demo/binpkgfs-demo-0.3-1.gpkg.tar",
-            "dev-libs/libdemo-2.1",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("prefetched 3 packages"));
-    let others = ["sys-apps/demo-base-1.0", "app-misc/binpkgfs-demo-0.3"].map(entry_for);
-    served.settle(&[&others[0], &others[1]]);
-    for e in &others {
-        let fetches = served.fetches_of(e);
-        assert!(
-            fetched_once_whole(&fetches, e),
-            "{}: {fetches:#?}",
-            e["CPV"]
-        );
-    }
-    assert!(served.fetches_of(&libdemo).is_empty(), "libdemo was cached");
-
-    served.nginx.clear_log();
-    let out = run_prefetch(&served, &["dev-libs/libdemo", "dev-libs/no-such-thing"]);
-    assert!(!out.status.success(), "an unknown atom must fail");
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("`dev-libs/no-such-thing` matches no package in")
-            && stderr.lines().count() == 1,
-        "unclear error: {stderr:?}"
-    );
-    served.settle(&[]);
-    assert_eq!(
-        served.nginx.requests(),
-        [],
-        "a failed resolution fetches nothing"
-    );
-}
-
-/// `--world-updates` compares the index with an installed package database.
-#[test]
-fn prefetch_world_updates_fetches_newer_versions_and_builds() {
-    let served = Served::new(&["--no-prefetch"]);
-    let root = TempDir::new().unwrap();
-    let vdb = |pf: &str, slot: &str, build_id: Option<&str>| {
-        let dir = root.path().join("var/db/pkg").join(pf);
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("SLOT"), format!("{slot}\n")).unwrap();
-        if let Some(id) = build_id {
-            fs::write(dir.join("BUILD_ID"), format!("{id}\n")).unwrap();
+        let log = on.daemon_log();
+        for entry in &chain {
+            let fetches = on.fetches_of(entry);
+            assert!(
+                fetched_once_whole(&fetches, entry),
+                "{} should be prefetched exactly once, whole; nginx logged {fetches:#?}\n{log}",
+                entry["PATH"]
+            );
         }
-    };
-    vdb("dev-libs/libdemo-2.0", "0", None); // older version
-    vdb("app-misc/binpkgfs-demo-0.3", "0", Some("0")); // older build
-    vdb("sys-apps/demo-base-1.0", "0", Some("1")); // up to date
-    vdb("app-misc/unrelated-1", "0", None); // not on the binhost
+        assert_eq!(
+            log.matches("prefetching the merge list").count(),
+            2,
+            "one merge, one batch (and one for the other merge):\n{log}"
+        );
+        assert!(fetched_once_whole(&on.fetches_of(&other), &other));
+        assert_eq!(off.nginx.count_matching(LogLine::is_package), 0);
+        assert!(!off.daemon_log().contains("prefetching the merge list"));
+    }
+}
 
-    let out = run_prefetch(
-        &served,
-        &["--world-updates", "--root", root.path().to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("prefetched 2 packages"),
-        "{}",
-        text(&out.stdout)
-    );
-    let updates = ["app-misc/binpkgfs-demo-0.3", "dev-libs/libdemo-2.1"].map(entry_for);
-    served.settle(&[&updates[0], &updates[1]]);
-    let mut fetched: Vec<String> = served
-        .nginx
-        .requests()
-        .into_iter()
-        .filter(LogLine::is_package)
-        .map(|l| l.uri)
-        .collect();
-    fetched.sort();
-    assert_eq!(
-        fetched,
-        [
-            "/app-misc/binpkgfs-demo/binpkgfs-demo-0.3-1.gpkg.tar",
-            "/dev-libs/libdemo/libdemo-2.1-1.gpkg.tar"
-        ]
-    );
+both_modes! {
+    /// `binpkgfs prefetch` by name, by CPV and by path fetches exactly those packages, once; a later
+    /// read is served from the cache; an unknown atom is a clear error and fetches nothing.
+    fn prefetch_command_fetches_named_packages_once_and_reads_then_hit_the_cache(mode) {
+        let served = Served::new(mode, &["--no-prefetch"]);
+        let libdemo = entry_for("dev-libs/libdemo-2.1");
+
+        let out = run_prefetch(&served, &["dev-libs/libdemo"]);
+        assert!(
+            out.status.success(),
+            "prefetch failed: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("prefetched 1 packages"),
+            "summary line: {}",
+            text(&out.stdout)
+        );
+        served.settle(&[&libdemo]);
+        let fetches = served.fetches_of(&libdemo);
+        assert!(
+            fetched_once_whole(&fetches, &libdemo),
+            "libdemo should be fetched once, whole: {fetches:#?}"
+        );
+        assert_eq!(
+            served.nginx.count_matching(LogLine::is_package),
+            1,
+            "only libdemo was asked for: {:#?}",
+            served.nginx.requests()
+        );
+
+        served.nginx.clear_log();
+        let bytes = fs::read(served.mount.path().join(&libdemo["PATH"])).unwrap();
+        assert_eq!(
+            bytes,
+            fs::read(fixture_binhost().join(&libdemo["PATH"])).unwrap()
+        );
+        served.settle(&[]);
+        assert_eq!(
+            served.nginx.requests(),
+            [],
+            "a read after prefetch must be a cache hit"
+        );
+
+        let out = run_prefetch(
+            &served,
+            &[
+                "=sys-apps/demo-base-1.0",
+                "app-misc/binpkgfs-demo/binpkgfs-demo-0.3-1.gpkg.tar",
+                "dev-libs/libdemo-2.1",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("prefetched 3 packages"));
+        let others = ["sys-apps/demo-base-1.0", "app-misc/binpkgfs-demo-0.3"].map(entry_for);
+        served.settle(&[&others[0], &others[1]]);
+        for e in &others {
+            let fetches = served.fetches_of(e);
+            assert!(
+                fetched_once_whole(&fetches, e),
+                "{}: {fetches:#?}",
+                e["CPV"]
+            );
+        }
+        assert!(served.fetches_of(&libdemo).is_empty(), "libdemo was cached");
+
+        served.nginx.clear_log();
+        let out = run_prefetch(&served, &["dev-libs/libdemo", "dev-libs/no-such-thing"]);
+        assert!(!out.status.success(), "an unknown atom must fail");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("`dev-libs/no-such-thing` matches no package in")
+                && stderr.lines().count() == 1,
+            "unclear error: {stderr:?}"
+        );
+        served.settle(&[]);
+        assert_eq!(
+            served.nginx.requests(),
+            [],
+            "a failed resolution fetches nothing"
+        );
+    }
+}
+
+both_modes! {
+    /// `--world-updates` compares the index with an installed package database.
+    fn prefetch_world_updates_fetches_newer_versions_and_builds(mode) {
+        let served = Served::new(mode, &["--no-prefetch"]);
+        let root = TempDir::new().unwrap();
+        let vdb = |pf: &str, slot: &str, build_id: Option<&str>| {
+            let dir = root.path().join("var/db/pkg").join(pf);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("SLOT"), format!("{slot}\n")).unwrap();
+            if let Some(id) = build_id {
+                fs::write(dir.join("BUILD_ID"), format!("{id}\n")).unwrap();
+            }
+        };
+        vdb("dev-libs/libdemo-2.0", "0", None); // older version
+        vdb("app-misc/binpkgfs-demo-0.3", "0", Some("0")); // older build
+        vdb("sys-apps/demo-base-1.0", "0", Some("1")); // up to date
+        vdb("app-misc/unrelated-1", "0", None); // not on the binhost
+
+        let out = run_prefetch(
+            &served,
+            &["--world-updates", "--root", root.path().to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("prefetched 2 packages"),
+            "{}",
+            text(&out.stdout)
+        );
+        let updates = ["app-misc/binpkgfs-demo-0.3", "dev-libs/libdemo-2.1"].map(entry_for);
+        served.settle(&[&updates[0], &updates[1]]);
+        let mut fetched: Vec<String> = served
+            .nginx
+            .requests()
+            .into_iter()
+            .filter(LogLine::is_package)
+            .map(|l| l.uri)
+            .collect();
+        fetched.sort();
+        assert_eq!(
+            fetched,
+            [
+                "/app-misc/binpkgfs-demo/binpkgfs-demo-0.3-1.gpkg.tar",
+                "/dev-libs/libdemo/libdemo-2.1-1.gpkg.tar"
+            ]
+        );
+    }
 }

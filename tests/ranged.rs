@@ -12,8 +12,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use support::{Mount, Nginx, PortageSandbox};
+use support::{Mount, Nginx, PortageSandbox, both_modes};
 use tempfile::TempDir;
 
 const BIG: &str = "app-misc/demo-big/demo-big-1.0-1.gpkg.tar";
@@ -36,7 +37,9 @@ fn big_binhost() -> PathBuf {
     .to_path_buf()
 }
 
+/// Body bytes nginx sent for `uri`, once every answer the daemon received is in the log.
 fn bytes_sent_for(nginx: &Nginx, uri: &str) -> u64 {
+    nginx.sync_log();
     nginx
         .requests()
         .iter()
@@ -45,139 +48,147 @@ fn bytes_sent_for(nginx: &Nginx, uri: &str) -> u64 {
         .sum()
 }
 
-#[test]
-fn scattered_reads_fetch_ranges_and_return_the_files_bytes() {
-    let binhost = big_binhost();
-    let nginx = Nginx::start(&binhost);
-    let cache = TempDir::new().unwrap();
-    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
-    let want = fs::read(binhost.join(BIG)).unwrap();
-    let mut f = fs::File::open(mount.path().join(BIG)).unwrap();
-    let n = want.len() as u64;
-    for offset in [n - 512, 0, 512, n / 2, n / 3 + 7, n - 1] {
-        let mut buf = vec![0u8; 512];
-        f.seek(SeekFrom::Start(offset)).unwrap();
-        let got = f.read(&mut buf).unwrap();
+/// The bounded range of 1 MiB or more `line` asked for (a part of a split transfer), if any.
+fn part(line: &support::LogLine) -> Option<(u64, u64)> {
+    let (a, b) = line
+        .range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .split_once('-')?;
+    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    (b - a >= 1 << 20).then_some((a, b))
+}
+
+both_modes! {
+    fn scattered_reads_fetch_ranges_and_return_the_files_bytes(mode) {
+        let binhost = big_binhost();
+        let nginx = Nginx::start(&binhost);
+        let cache = TempDir::new().unwrap();
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();
+        let want = fs::read(binhost.join(BIG)).unwrap();
+        let mut f = fs::File::open(mount.path().join(BIG)).unwrap();
+        let n = want.len() as u64;
+        for offset in [n - 512, 0, 512, n / 2, n / 3 + 7, n - 1] {
+            let mut buf = vec![0u8; 512];
+            f.seek(SeekFrom::Start(offset)).unwrap();
+            let got = f.read(&mut buf).unwrap();
+            assert!(
+                buf[..got] == want[offset as usize..offset as usize + got],
+                "offset {offset}"
+            );
+        }
+        // The reader may have its bytes before nginx logs the answer: wait for the line.
+        let uri = format!("/{BIG}");
+        nginx.wait_for_requests(1, Duration::from_secs(10), |l| {
+            l.uri == uri && l.range.is_some() && l.status == 206
+        });
+        let sent = bytes_sent_for(&nginx, &uri);
         assert!(
-            buf[..got] == want[offset as usize..offset as usize + got],
-            "offset {offset}"
+            sent > 0 && sent < n / 4,
+            "scattered reads fetched {sent} of {n} bytes"
         );
+        // A whole read after the scattered ones: exact bytes, the file crossed about once.
+        drop(f);
+        assert!(
+            fs::read(mount.path().join(BIG)).unwrap() == want,
+            "whole read after ranges"
+        );
+        let sent = bytes_sent_for(&nginx, &format!("/{BIG}"));
+        assert!(sent <= n + n / 4, "{sent} bytes sent for a {n}-byte file");
     }
-    let sent = bytes_sent_for(&nginx, &format!("/{BIG}"));
-    assert!(
-        sent > 0 && sent < n / 4,
-        "scattered reads fetched {sent} of {n} bytes"
-    );
-    assert!(
-        nginx
+}
+
+both_modes! {
+    fn reindex_scan_fetches_a_few_percent_and_install_fetches_about_once(mode) {
+        let binhost = big_binhost();
+        let nginx = Nginx::start(&binhost);
+        let cache = TempDir::new().unwrap();
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();
+        let n = fs::metadata(binhost.join(BIG)).unwrap().len();
+        let uri = format!("/{BIG}");
+
+        let mut sandbox = PortageSandbox::new(mount.path());
+        sandbox.add_feature("-pkgdir-index-trusted");
+        sandbox.emerge_ok(&["-p", "--usepkgonly", "app-misc/demo-big"]);
+        let scan = bytes_sent_for(&nginx, &uri);
+        eprintln!(
+            "reindex scan: {scan} of {n} bytes ({:.2}%)",
+            scan as f64 * 100.0 / n as f64
+        );
+        assert!(
+            scan * 20 <= n,
+            "reindex scan fetched {scan} of {n} bytes (more than 5%)"
+        );
+
+        sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-big"]);
+        let total = bytes_sent_for(&nginx, &uri);
+        eprintln!("scan + install: {total} bytes for a {n}-byte package");
+        assert!(
+            total <= n + n / 10,
+            "install fetched {total} bytes of a {n}-byte package"
+        );
+        let image = TempDir::new().unwrap();
+        let root = support::extract_gpkg_image(&binhost.join(BIG), image.path());
+        for rel in support::list_files(&root) {
+            let installed = fs::read(sandbox.root().join(&rel)).unwrap();
+            assert!(
+                installed == fs::read(root.join(&rel)).unwrap(),
+                "{}",
+                rel.display()
+            );
+        }
+    }
+}
+
+both_modes! {
+    fn a_large_package_read_whole_comes_from_nginx_in_parallel_parts(mode) {
+        // 20 MiB of data under an index entry with its SIZE and digests (the fetch path checks
+        // nothing else), served by real nginx capping each request at 2 MB/s after a first
+        // second at full speed (`limit_rate`), so the head turns slow and the transfer is split:
+        // nginx's 206 answers, Content-Range and keep-alive connections are what the parts must
+        // get right.
+        support::require_real_parts();
+        let dir = TempDir::new().unwrap();
+        let data: Vec<u8> = (0..20u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let path = "app-misc/huge/huge-1-1.gpkg.tar";
+        fs::create_dir_all(dir.path().join("app-misc/huge")).unwrap();
+        fs::write(dir.path().join(path), &data).unwrap();
+        fs::write(
+            dir.path().join("Packages"),
+            format!(
+                "TIMESTAMP: 1\nVERSION: 0\n\nCPV: app-misc/huge-1\nPATH: {path}\nSIZE: {}\n\
+                 MTIME: 1\nSHA1: {}\nMD5: {}\n\n",
+                data.len(),
+                support::digest_hex("sha1sum", &data),
+                support::digest_hex("md5sum", &data)
+            ),
+        )
+        .unwrap();
+        let nginx = Nginx::start_limited(dir.path(), "2m");
+        let cache = TempDir::new().unwrap();
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();
+
+        assert!(fs::read(mount.path().join(path)).unwrap() == data);
+        let uri = format!("/{path}");
+        let is_part = |l: &support::LogLine| l.uri == uri && l.status == 206 && part(l).is_some();
+        nginx.wait_for_requests(3, Duration::from_secs(10), is_part);
+        nginx.sync_log();
+        let mut parts: Vec<(u64, u64)> = nginx
             .requests()
             .iter()
-            .any(|l| l.range.is_some() && l.status == 206)
-    );
-    // A whole read after the scattered ones: exact bytes, the file crossed about once.
-    drop(f);
-    assert!(
-        fs::read(mount.path().join(BIG)).unwrap() == want,
-        "whole read after ranges"
-    );
-    let sent = bytes_sent_for(&nginx, &format!("/{BIG}"));
-    assert!(sent <= n + n / 4, "{sent} bytes sent for a {n}-byte file");
-}
-
-#[test]
-fn reindex_scan_fetches_a_few_percent_and_install_fetches_about_once() {
-    let binhost = big_binhost();
-    let nginx = Nginx::start(&binhost);
-    let cache = TempDir::new().unwrap();
-    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
-    let n = fs::metadata(binhost.join(BIG)).unwrap().len();
-    let uri = format!("/{BIG}");
-
-    let mut sandbox = PortageSandbox::new(mount.path());
-    sandbox.add_feature("-pkgdir-index-trusted");
-    sandbox.emerge_ok(&["-p", "--usepkgonly", "app-misc/demo-big"]);
-    let scan = bytes_sent_for(&nginx, &uri);
-    eprintln!(
-        "reindex scan: {scan} of {n} bytes ({:.2}%)",
-        scan as f64 * 100.0 / n as f64
-    );
-    assert!(
-        scan * 20 <= n,
-        "reindex scan fetched {scan} of {n} bytes (more than 5%)"
-    );
-
-    sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-big"]);
-    let total = bytes_sent_for(&nginx, &uri);
-    eprintln!("scan + install: {total} bytes for a {n}-byte package");
-    assert!(
-        total <= n + n / 10,
-        "install fetched {total} bytes of a {n}-byte package"
-    );
-    let image = TempDir::new().unwrap();
-    let root = support::extract_gpkg_image(&binhost.join(BIG), image.path());
-    for rel in support::list_files(&root) {
-        let installed = fs::read(sandbox.root().join(&rel)).unwrap();
-        assert!(
-            installed == fs::read(root.join(&rel)).unwrap(),
-            "{}",
-            rel.display()
-        );
+            .filter(|l| l.uri == uri && l.status == 206)
+            .filter_map(part)
+            .collect();
+        parts.sort();
+        assert!(parts.len() >= 3, "parallel parts: {parts:?}");
+        for w in parts.windows(2) {
+            assert_eq!(w[0].1 + 1, w[1].0, "parts join: {parts:?}");
+        }
+        assert_eq!(parts.last().unwrap().1, data.len() as u64 - 1);
+        let n = data.len() as u64;
+        let sent = bytes_sent_for(&nginx, &uri);
+        assert!(sent >= n && sent <= n + n / 16, "{sent} bytes sent for {n}");
     }
-}
-
-#[test]
-fn a_large_package_read_whole_comes_from_nginx_in_parallel_parts() {
-    // 20 MiB of data under an index entry with its SIZE and digests (the fetch path checks
-    // nothing else), served by real nginx capping each request at 2 MB/s after a first
-    // second at full speed (`limit_rate`), so the head turns slow and the transfer is split:
-    // nginx's 206 answers, Content-Range and keep-alive connections are what the parts must
-    // get right.
-    support::require_real_parts();
-    let dir = TempDir::new().unwrap();
-    let data: Vec<u8> = (0..20u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-        .collect();
-    let path = "app-misc/huge/huge-1-1.gpkg.tar";
-    fs::create_dir_all(dir.path().join("app-misc/huge")).unwrap();
-    fs::write(dir.path().join(path), &data).unwrap();
-    fs::write(
-        dir.path().join("Packages"),
-        format!(
-            "TIMESTAMP: 1\nVERSION: 0\n\nCPV: app-misc/huge-1\nPATH: {path}\nSIZE: {}\n\
-             MTIME: 1\nSHA1: {}\nMD5: {}\n\n",
-            data.len(),
-            support::digest_hex("sha1sum", &data),
-            support::digest_hex("md5sum", &data)
-        ),
-    )
-    .unwrap();
-    let nginx = Nginx::start_limited(dir.path(), "2m");
-    let cache = TempDir::new().unwrap();
-    let mount = Mount::new(&nginx.url(), cache.path(), &[]).unwrap();
-
-    assert!(fs::read(mount.path().join(path)).unwrap() == data);
-    let uri = format!("/{path}");
-    let mut parts: Vec<(u64, u64)> = nginx
-        .requests()
-        .iter()
-        .filter(|l| l.uri == uri && l.status == 206)
-        .filter_map(|l| {
-            let (a, b) = l
-                .range
-                .as_deref()?
-                .strip_prefix("bytes=")?
-                .split_once('-')?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        })
-        .filter(|(a, b): &(u64, u64)| b - a >= 1 << 20)
-        .collect();
-    parts.sort();
-    assert!(parts.len() >= 3, "parallel parts: {parts:?}");
-    for w in parts.windows(2) {
-        assert_eq!(w[0].1 + 1, w[1].0, "parts join: {parts:?}");
-    }
-    assert_eq!(parts.last().unwrap().1, data.len() as u64 - 1);
-    let n = data.len() as u64;
-    let sent = bytes_sent_for(&nginx, &uri);
-    assert!(sent >= n && sent <= n + n / 16, "{sent} bytes sent for {n}");
 }

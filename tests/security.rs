@@ -4,7 +4,7 @@
 //! `fuse.binpkgfs`; every exit path of `binpkgfs mount` leaves nothing mounted and no daemon;
 //! `file://` never hangs a reader or a mount.
 //!
-//! Every mount-level test runs in both kernel modes: FUSE passthrough (the default) and
+//! Every test runs in both kernel modes (`both_modes!`): FUSE passthrough (the default) and
 //! `--no-passthrough`.
 
 mod support;
@@ -15,11 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{Mount, Nginx, copy_fixture_binhost, entry_for, is_mounted, wait_until};
+use support::{Mount, Nginx, both_modes, copy_fixture_binhost, entry_for, is_mounted, wait_until};
 use tempfile::TempDir;
-
-/// The two kernel modes every mount-level test runs in.
-const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
 
 const USER: &str = "alice";
 
@@ -100,18 +97,16 @@ fn findmnt(mnt: &Path) -> (String, String) {
     (source.trim().to_string(), fstype.to_string())
 }
 
-#[test]
-fn a_password_in_the_url_authenticates_and_shows_nowhere() {
-    let pw = password();
-    let (binhost, nginx, _auth) = private_binhost(&pw);
-    let e = entry_for("dev-libs/libdemo-2.1");
-    let plain = format!("http://127.0.0.1:{}/", nginx.port());
-    let url = format!("http://{USER}:{pw}@127.0.0.1:{}", nginx.port());
-    for mode in MODES {
+both_modes! {
+    fn a_password_in_the_url_authenticates_and_shows_nowhere(mode) {
+        let pw = password();
+        let (binhost, nginx, _auth) = private_binhost(&pw);
+        let e = entry_for("dev-libs/libdemo-2.1");
+        let plain = format!("http://127.0.0.1:{}/", nginx.port());
+        let url = format!("http://{USER}:{pw}@127.0.0.1:{}", nginx.port());
         let (_parent, cache) = fresh_cache();
-        let mut args = vec!["--log-level", "debug"];
-        args.extend_from_slice(mode);
-        let mount = Mount::new(&url, &cache, &args).unwrap();
+        let args = vec!["--log-level", "debug"];
+        let mount = Mount::new(mode, &url, &cache, &args).unwrap();
         let mnt = mount.path();
         // It authenticates: the package comes through, byte for byte.
         let got = fs::read(mnt.join(&e["PATH"])).unwrap();
@@ -149,56 +144,56 @@ fn a_password_in_the_url_authenticates_and_shows_nowhere() {
         // Not even root finds it on disk; the modes are private.
         assert!(fs::read_to_string(&log).unwrap().contains("mounted"));
         assert_eq!(files_containing(&cache, &pw), Vec::<PathBuf>::new());
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&cache), 0o700);
-        assert_eq!(mode(&log), 0o640);
+        let perm = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(perm(&cache), 0o700);
+        assert_eq!(perm(&log), 0o640);
         for rel in support::list_files(&cache) {
-            assert_eq!(mode(&cache.join(&rel)) & 0o007, 0, "{}", rel.display());
+            assert_eq!(perm(&cache.join(&rel)) & 0o007, 0, "{}", rel.display());
         }
         drop(mount);
     }
 }
 
-#[test]
-fn a_wrong_password_is_refused_in_one_line_that_does_not_repeat_it() {
-    let pw = password();
-    let (_binhost, nginx, _auth) = private_binhost(&pw);
-    let (_parent, cache) = fresh_cache();
-    let wrong = format!("{pw}Wrong");
-    let url = format!("http://{USER}:{wrong}@127.0.0.1:{}", nginx.port());
-    let err = Mount::new(&url, &cache, &[]).err().expect("refused");
-    assert!(err.contains("401") && !err.contains(&wrong), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
+both_modes! {
+    fn a_wrong_password_is_refused_in_one_line_that_does_not_repeat_it(mode) {
+        let pw = password();
+        let (_binhost, nginx, _auth) = private_binhost(&pw);
+        let (_parent, cache) = fresh_cache();
+        let wrong = format!("{pw}Wrong");
+        let url = format!("http://{USER}:{wrong}@127.0.0.1:{}", nginx.port());
+        let err = Mount::new(mode, &url, &cache, &[]).err().expect("refused");
+        assert!(err.contains("401") && !err.contains(&wrong), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
 }
 
-#[test]
-fn credentials_come_from_a_private_netrc_file() {
-    let pw = password();
-    let (binhost, nginx, _auth) = private_binhost(&pw);
-    let e = entry_for("sys-apps/demo-base-1.0");
-    let dir = TempDir::new().unwrap();
-    let netrc = dir.path().join("netrc");
-    fs::write(
-        &netrc,
-        format!(
-            "machine elsewhere login x password y\nmachine 127.0.0.1 login {USER} password {pw}\n"
-        ),
-    )
-    .unwrap();
-    let netrc_arg = netrc.to_str().unwrap();
-    // Readable by others: refused, with what to do.
-    fs::set_permissions(&netrc, fs::Permissions::from_mode(0o644)).unwrap();
-    let (_parent, cache) = fresh_cache();
-    let err = Mount::new(&nginx.url(), &cache, &["--netrc-file", netrc_arg])
-        .err()
-        .expect("a world-readable netrc is refused");
-    assert!(err.contains("chmod 600"), "{err}");
-    fs::set_permissions(&netrc, fs::Permissions::from_mode(0o600)).unwrap();
-    for mode in MODES {
+both_modes! {
+    fn credentials_come_from_a_private_netrc_file(mode) {
+        let pw = password();
+        let (binhost, nginx, _auth) = private_binhost(&pw);
+        let e = entry_for("sys-apps/demo-base-1.0");
+        let dir = TempDir::new().unwrap();
+        let netrc = dir.path().join("netrc");
+        fs::write(
+            &netrc,
+            format!(
+                "machine elsewhere login x password y\nmachine 127.0.0.1 login {USER} password {pw}\n"
+            ),
+        )
+        .unwrap();
+        let netrc_arg = netrc.to_str().unwrap();
+        // Readable by others: refused, with what to do.
+        fs::set_permissions(&netrc, fs::Permissions::from_mode(0o644)).unwrap();
         let (_parent, cache) = fresh_cache();
-        let mut extra = vec!["--netrc-file", netrc_arg];
-        extra.extend_from_slice(mode);
-        let mount = Mount::new(&nginx.url(), &cache, &extra).unwrap();
+        let err = Mount::new(mode, &nginx.url(), &cache, &["--netrc-file", netrc_arg])
+            .err()
+            .expect("a world-readable netrc is refused");
+        assert!(err.contains("chmod 600"), "{err}");
+        fs::set_permissions(&netrc, fs::Permissions::from_mode(0o600)).unwrap();
+        let (_parent, cache) = fresh_cache();
+        let extra = vec!["--netrc-file", netrc_arg];
+
+        let mount = Mount::new(mode, &nginx.url(), &cache, &extra).unwrap();
         let got = fs::read(mount.path().join(&e["PATH"])).unwrap();
         assert!(got == fs::read(binhost.path().join(&e["PATH"])).unwrap());
         assert!(!text(&as_nobody(&["ps", "-eo", "args"])).contains(&pw));
@@ -206,34 +201,33 @@ fn credentials_come_from_a_private_netrc_file() {
     }
 }
 
-#[test]
-fn https_trusts_a_ca_file_and_never_follows_a_redirect_to_http() {
-    support::require_real_parts();
-    let binhost = TempDir::new().unwrap();
-    copy_fixture_binhost(binhost.path());
-    let plain = Nginx::start(binhost.path());
-    let (url, ca, _tls, _dir) = support::tls_nginx(
-        binhost.path(),
-        &format!(
-            "location /down/ {{ return 301 http://127.0.0.1:{}/; }}",
-            plain.port()
-        ),
-    );
-    let ca_arg = ca.to_str().unwrap();
-    let e = entry_for("app-misc/binpkgfs-demo-0.3");
-    for mode in MODES {
+both_modes! {
+    fn https_trusts_a_ca_file_and_never_follows_a_redirect_to_http(mode) {
+        support::require_real_parts();
+        let binhost = TempDir::new().unwrap();
+        copy_fixture_binhost(binhost.path());
+        let plain = Nginx::start(binhost.path());
+        let (url, ca, _tls, _dir) = support::tls_nginx(
+            binhost.path(),
+            &format!(
+                "location /down/ {{ return 301 http://127.0.0.1:{}/; }}",
+                plain.port()
+            ),
+        );
+        let ca_arg = ca.to_str().unwrap();
+        let e = entry_for("app-misc/binpkgfs-demo-0.3");
         // The CA on top of the system store: no SSL_CERT_FILE needed.
         let cache = TempDir::new().unwrap();
-        let mut extra = vec!["--ca-file", ca_arg];
-        extra.extend_from_slice(mode);
-        let mount = Mount::new(&url, cache.path(), &extra).unwrap();
+        let extra = vec!["--ca-file", ca_arg];
+
+        let mount = Mount::new(mode, &url, cache.path(), &extra).unwrap();
         let got = fs::read(mount.path().join(&e["PATH"])).unwrap();
         assert!(got == fs::read(binhost.path().join(&e["PATH"])).unwrap());
         drop(mount);
 
         // An https binhost that redirects to plain http: refused, saying so.
         let cache = TempDir::new().unwrap();
-        let err = Mount::new(&format!("{url}/down/"), cache.path(), &extra)
+        let err = Mount::new(mode, &format!("{url}/down/"), cache.path(), &extra)
             .err()
             .expect("https -> http redirect refused");
         assert!(
@@ -241,12 +235,12 @@ fn https_trusts_a_ca_file_and_never_follows_a_redirect_to_http() {
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
+        let requests = plain.requests();
+        assert!(
+            requests.is_empty(),
+            "the http server was asked: {requests:?}"
+        );
     }
-    let requests = plain.requests();
-    assert!(
-        requests.is_empty(),
-        "the http server was asked: {requests:?}"
-    );
 }
 
 // ---------------------------------------------------------------------------
@@ -290,28 +284,27 @@ fn mount_cmd(args: &[&str], scratch: &Path) -> (bool, String) {
     )
 }
 
-#[test]
-fn every_failed_mount_leaves_nothing_mounted_and_no_daemon() {
-    support::require_real_parts();
-    let binhost = TempDir::new().unwrap();
-    copy_fixture_binhost(binhost.path());
-    let nginx = Nginx::start(binhost.path());
-    let url = nginx.url();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://127.0.0.1:{}/", l.local_addr().unwrap().port())
-    };
-    let scratch = TempDir::new().unwrap();
-    let elsewhere = TempDir::new().unwrap();
-    let log_target = elsewhere.path().join("log-target");
-    let world_netrc = elsewhere.path().join("netrc");
-    fs::write(&world_netrc, "machine 127.0.0.1 login a password b\n").unwrap();
-    fs::set_permissions(&world_netrc, fs::Permissions::from_mode(0o644)).unwrap();
-    let busy_cache = TempDir::new().unwrap();
-    let busy = Mount::new(&url, busy_cache.path(), &[]).unwrap();
-    let busy_pid = busy.pid();
+both_modes! {
+    fn every_failed_mount_leaves_nothing_mounted_and_no_daemon(mode) {
+        support::require_real_parts();
+        let binhost = TempDir::new().unwrap();
+        copy_fixture_binhost(binhost.path());
+        let nginx = Nginx::start(binhost.path());
+        let url = nginx.url();
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://127.0.0.1:{}/", l.local_addr().unwrap().port())
+        };
+        let scratch = TempDir::new().unwrap();
+        let elsewhere = TempDir::new().unwrap();
+        let log_target = elsewhere.path().join("log-target");
+        let world_netrc = elsewhere.path().join("netrc");
+        fs::write(&world_netrc, "machine 127.0.0.1 login a password b\n").unwrap();
+        fs::set_permissions(&world_netrc, fs::Permissions::from_mode(0o644)).unwrap();
+        let busy_cache = TempDir::new().unwrap();
+        let busy = Mount::new(mode, &url, busy_cache.path(), &[]).unwrap();
+        let busy_pid = busy.pid();
 
-    for mode in MODES {
         let mnt = TempDir::new().unwrap();
         let mnt_arg = mnt.path().to_str().unwrap().to_string();
         // (extra arguments, URL, mount point, what the error says, set-up of the cache dir)
@@ -399,7 +392,7 @@ fn every_failed_mount_leaves_nothing_mounted_and_no_daemon() {
             setup(&cache, elsewhere.path());
             let mut args: Vec<&str> = vec!["--cache-dir", cache.to_str().unwrap()];
             args.extend(extra.iter().map(String::as_str));
-            args.extend_from_slice(mode);
+            args.extend_from_slice(mode.args());
             args.extend([url, &target]);
             let (ok, stderr) = mount_cmd(&args, scratch.path());
             assert!(!ok, "{args:?} succeeded");
@@ -415,7 +408,7 @@ fn every_failed_mount_leaves_nothing_mounted_and_no_daemon() {
         }
         // The cache another daemon holds: refused, and only that daemon holds it.
         let mut args = vec!["--cache-dir", busy_cache.path().to_str().unwrap()];
-        args.extend_from_slice(mode);
+        args.extend_from_slice(mode.args());
         args.extend([&url, mnt_arg.as_str()]);
         let (ok, stderr) = mount_cmd(&args, scratch.path());
         assert!(
@@ -431,7 +424,7 @@ fn every_failed_mount_leaves_nothing_mounted_and_no_daemon() {
         // The two ways a running mount ends: unmount, and SIGTERM.
         for by_signal in [false, true] {
             let cache = TempDir::new().unwrap();
-            let mut m = Mount::new(&url, cache.path(), mode).unwrap();
+            let mut m = Mount::new(mode, &url, cache.path(), &[]).unwrap();
             if by_signal {
                 // SAFETY: plain kill(2) on the daemon this test started.
                 unsafe { libc::kill(m.pid(), libc::SIGTERM) };
@@ -455,24 +448,23 @@ fn mkfifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
 }
 
-#[test]
-fn a_fifo_planted_as_a_package_fails_the_read_at_once() {
-    support::require_real_parts();
-    let binhost = TempDir::new().unwrap();
-    copy_fixture_binhost(binhost.path());
-    // One small package (fetched whole) and the large one (read by ranges first).
-    let small = entry_for("dev-libs/libdemo-2.1");
-    let large = entry_for("app-misc/demo-data-1.0");
-    for e in [&small, &large] {
-        let path = binhost.path().join(&e["PATH"]);
-        fs::remove_file(&path).unwrap();
-        mkfifo(&path);
-    }
-    for mode in MODES {
+both_modes! {
+    fn a_fifo_planted_as_a_package_fails_the_read_at_once(mode) {
+        support::require_real_parts();
+        let binhost = TempDir::new().unwrap();
+        copy_fixture_binhost(binhost.path());
+        // One small package (fetched whole) and the large one (read by ranges first).
+        let small = entry_for("dev-libs/libdemo-2.1");
+        let large = entry_for("app-misc/demo-data-1.0");
+        for e in [&small, &large] {
+            let path = binhost.path().join(&e["PATH"]);
+            fs::remove_file(&path).unwrap();
+            mkfifo(&path);
+        }
         let cache = TempDir::new().unwrap();
-        let mut extra = vec!["--stall-timeout", "5"];
-        extra.extend_from_slice(mode);
-        let mount = Mount::new(&support::file_url(binhost.path()), cache.path(), &extra).unwrap();
+        let extra = vec!["--stall-timeout", "5"];
+
+        let mount = Mount::new(mode, &support::file_url(binhost.path()), cache.path(), &extra).unwrap();
         for e in [&small, &large] {
             let started = Instant::now();
             let err = fs::read(mount.path().join(&e["PATH"])).expect_err("a FIFO is no package");
@@ -508,28 +500,27 @@ impl Drop for Stopped {
     }
 }
 
-#[test]
-fn a_file_binhost_that_blocks_fails_the_mount_in_time_or_mounts_from_the_saved_index() {
-    support::require_real_parts();
-    let binhost = TempDir::new().unwrap();
-    copy_fixture_binhost(binhost.path());
-    let nginx = Nginx::start(binhost.path());
-    // A directory whose every access blocks: a FUSE mount whose daemon is stopped (what a
-    // hung NFS server looks like to a reader).
-    let lower_cache = TempDir::new().unwrap();
-    let lower = Mount::new(&nginx.url(), lower_cache.path(), &[]).unwrap();
-    let url = support::file_url(lower.path());
-    let e = entry_for("dev-libs/libdemo-2.1");
-    let stall = 3;
-    for mode in MODES {
-        let mut extra = vec!["--stall-timeout", "3"];
-        extra.extend_from_slice(mode);
+both_modes! {
+    fn a_file_binhost_that_blocks_fails_the_mount_in_time_or_mounts_from_the_saved_index(mode) {
+        support::require_real_parts();
+        let binhost = TempDir::new().unwrap();
+        copy_fixture_binhost(binhost.path());
+        let nginx = Nginx::start(binhost.path());
+        // A directory whose every access blocks: a FUSE mount whose daemon is stopped (what a
+        // hung NFS server looks like to a reader).
+        let lower_cache = TempDir::new().unwrap();
+        let lower = Mount::new(mode, &nginx.url(), lower_cache.path(), &[]).unwrap();
+        let url = support::file_url(lower.path());
+        let e = entry_for("dev-libs/libdemo-2.1");
+        let stall = 3;
+        let extra = vec!["--stall-timeout", "3"];
+
         // No saved index: the mount fails within the bound, in one line.
         let cache = TempDir::new().unwrap();
         let started = Instant::now();
         let err = {
             let _stopped = Stopped::new(lower.pid());
-            Mount::new(&url, cache.path(), &extra)
+            Mount::new(mode, &url, cache.path(), &extra)
                 .err()
                 .expect("a blocked binhost without a saved index cannot mount")
         };
@@ -542,9 +533,9 @@ fn a_file_binhost_that_blocks_fails_the_mount_in_time_or_mounts_from_the_saved_i
 
         // With a saved index: it mounts from it, and a read fails in time instead of hanging.
         let cache = TempDir::new().unwrap();
-        drop(Mount::new(&url, cache.path(), &extra).unwrap());
+        drop(Mount::new(mode, &url, cache.path(), &extra).unwrap());
         let _stopped = Stopped::new(lower.pid());
-        let mount = Mount::new(&url, cache.path(), &extra).unwrap();
+        let mount = Mount::new(mode, &url, cache.path(), &extra).unwrap();
         let started = Instant::now();
         let err = fs::read(mount.path().join(&e["PATH"])).expect_err("the binhost is hung");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");

@@ -448,6 +448,7 @@ mod tests {
         let v = Validators {
             etag: Some("\"abc\"".into()),
             last_modified: None,
+            compressed: true,
         };
         store
             .save_index("http://a/", b"TIMESTAMP: 1\n", &v)

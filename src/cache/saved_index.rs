@@ -54,6 +54,7 @@ impl Store {
             match line.split_once(": ") {
                 Some(("etag", x)) => v.etag = Some(x.to_string()),
                 Some(("last-modified", x)) => v.last_modified = Some(x.to_string()),
+                Some(("source", x)) => v.compressed = x == "Packages.gz",
                 _ => {}
             }
         }
@@ -74,6 +75,9 @@ impl Store {
         }
         if let Some(lm) = &v.last_modified {
             meta += &format!("last-modified: {lm}\n");
+        }
+        if v.compressed {
+            meta += "source: Packages.gz\n";
         }
         write_atomic(&dir.join("validators"), meta.as_bytes())
     }

@@ -104,3 +104,112 @@ fn overshoot(served_end: u64, size: u64) -> Failure {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::Chunks;
+
+    struct NoChunks;
+
+    #[async_trait::async_trait]
+    impl Chunks for NoChunks {
+        async fn next(&mut self) -> Result<Option<Bytes>, crate::remote::TransportError> {
+            Ok(None)
+        }
+    }
+
+    fn whole(skip: u64, announced: Option<u64>) -> Body {
+        Body::whole(Box::new(NoChunks), skip, announced)
+    }
+
+    fn range(end: u64, total: Option<u64>, announced: Option<u64>) -> Body {
+        Body::range(Box::new(NoChunks), end, total, announced)
+    }
+
+    fn verdict(r: Result<u64, Failure>) -> Result<u64, String> {
+        r.map_err(|f| match f {
+            Failure::Fatal(m) => format!("fatal: {m}"),
+            Failure::Retry(m) => format!("retry: {m}"),
+            Failure::WriterGone => "writer gone".into(),
+        })
+    }
+
+    #[test]
+    fn answers_are_checked_against_size_before_any_byte_is_kept() {
+        const SIZE: u64 = 1000;
+        // (what the server promised, from byte, expected end or the start of the refusal)
+        let cases: Vec<(Body, u64, Result<u64, &str>)> = vec![
+            (whole(0, Some(1000)), 0, Ok(1000)),
+            (whole(0, None), 0, Ok(1000)),
+            (whole(300, Some(1000)), 300, Ok(1000)),
+            (
+                whole(0, Some(999)),
+                0,
+                Err("fatal: server announces 999 bytes"),
+            ),
+            (
+                whole(0, Some(1001)),
+                0,
+                Err("fatal: server announces 1001 bytes"),
+            ),
+            (range(1000, Some(1000), Some(700)), 300, Ok(1000)),
+            (range(500, Some(1000), Some(200)), 300, Ok(500)),
+            (range(500, None, None), 300, Ok(500)),
+            (
+                range(500, Some(999), Some(200)),
+                300,
+                Err("fatal: server says the file has 999"),
+            ),
+            (
+                range(1001, None, None),
+                300,
+                Err("fatal: server sends bytes up to 1000"),
+            ),
+            (
+                range(500, Some(1000), Some(300)),
+                300,
+                Err("fatal: server announces 300 bytes for the range 300-499"),
+            ),
+        ];
+        for (i, (body, from, want)) in cases.into_iter().enumerate() {
+            let got = verdict(check_answer(SIZE, &body, from));
+            match want {
+                Ok(end) => assert_eq!(got, Ok(end), "case {i}"),
+                Err(prefix) => assert!(
+                    got.as_ref().is_err_and(|m| m.starts_with(prefix)),
+                    "case {i}: {got:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn short_answers_are_progress_unless_tiny() {
+        assert!(matches!(short_answer(0, 100, 100), Ok(true)));
+        assert!(matches!(short_answer(0, 2 << 20, 4 << 20), Ok(false)));
+        assert!(matches!(
+            short_answer(1 << 20, (1 << 20) + 4096, 4 << 20),
+            Err(Failure::Retry(_))
+        ));
+    }
+
+    #[test]
+    fn chunks_past_the_limit_are_cut_or_refused() {
+        // A whole file asked for up to 100 (a part): the chunk is cut at the limit.
+        let mut c = Bytes::from(vec![0u8; 50]);
+        assert!(clip(&mut c, 80, 100, 1000, 1000).is_ok());
+        assert_eq!(c.len(), 20);
+        // More than the server said it would send: refused.
+        let mut c = Bytes::from(vec![0u8; 50]);
+        assert!(matches!(
+            clip(&mut c, 980, 1000, 1000, 1000),
+            Err(Failure::Fatal(m)) if m.contains("more than SIZE")
+        ));
+        let mut c = Bytes::from(vec![0u8; 50]);
+        assert!(matches!(
+            clip(&mut c, 480, 500, 500, 1000),
+            Err(Failure::Fatal(m)) if m.contains("more than the range ending at 499")
+        ));
+    }
+}

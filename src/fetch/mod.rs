@@ -42,6 +42,7 @@ use crate::cache::Store;
 use crate::error::FsError;
 use crate::index::{CacheKey, Package};
 use crate::remote::{Endpoint, RETRY};
+use crate::verify::VerifyMode;
 
 pub use blob::Blob;
 use blob::State;
@@ -78,6 +79,8 @@ pub struct Fetcher {
     recent: Mutex<VecDeque<Arc<Blob>>>,
     /// Connections one large whole transfer may use (see `segment`).
     streams: usize,
+    /// Which digests a download is checked against.
+    verify: VerifyMode,
     pub stats: Stats,
 }
 
@@ -92,6 +95,7 @@ impl Fetcher {
             active: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
             streams: 1,
+            verify: VerifyMode::default(),
             stats: Stats::default(),
         }
     }
@@ -100,6 +104,16 @@ impl Fetcher {
     pub fn with_streams(mut self, n: usize) -> Self {
         self.streams = n.max(1);
         self
+    }
+
+    /// Checks downloads against `mode`'s digests.
+    pub fn with_verify(mut self, mode: VerifyMode) -> Self {
+        self.verify = mode;
+        self
+    }
+
+    pub fn verify_mode(&self) -> VerifyMode {
+        self.verify
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -113,7 +113,7 @@ impl Fetcher {
         let writer = {
             let (size, digests, tx, store) = (
                 pkg.size,
-                pkg.digests.clone(),
+                pkg.digests.for_mode(self.verify),
                 tx.clone(),
                 self.store.clone(),
             );
@@ -373,5 +373,18 @@ impl Failure {
             }
             ErrorKind::Fatal => Failure::Fatal(e.message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_classified_by_the_transport_kind() {
+        let f = |kind| Failure::from_transport(TransportError::new(kind, "x"));
+        assert!(matches!(f(ErrorKind::Retryable), Failure::Retry(_)));
+        assert!(matches!(f(ErrorKind::Offline), Failure::Retry(_)));
+        assert!(matches!(f(ErrorKind::Fatal), Failure::Fatal(_)));
     }
 }

@@ -33,6 +33,8 @@ const MAX_LINE_BYTES: usize = 1 << 20;
 pub struct Validators {
     pub etag: Option<String>,
     pub last_modified: Option<String>,
+    /// They belong to `Packages.gz`, not `Packages`.
+    pub compressed: bool,
 }
 
 /// Why a whole index was refused.
@@ -82,6 +84,9 @@ pub struct Index {
     pub timestamp: Option<u64>,
     /// The header's `TTL`, in seconds, when the binhost sets one.
     pub ttl: Option<u64>,
+    /// The header's `URI`: where the packages are, when not beside the index (release
+    /// assets, a CDN). Portage downloads `URI` + `/` + PATH.
+    pub uri: Option<String>,
     pub packages: Vec<Package>,
     pub rejected: Vec<Rejected>,
 }
@@ -106,6 +111,7 @@ impl Index {
             raw: raw.clone(),
             timestamp: None,
             ttl: None,
+            uri: None,
             packages: Vec::new(),
             rejected: Vec::new(),
         };
@@ -126,6 +132,7 @@ impl Index {
                     );
                 }
                 "TTL" => index.ttl = value.trim().parse().ok(),
+                "URI" => index.uri = Some(value.trim().to_string()).filter(|u| !u.is_empty()),
                 _ => {}
             }
         }
@@ -418,6 +425,52 @@ mod tests {
             assert!(p.path.ends_with(".gpkg.tar"), "{}", p.path);
             assert!(p.digests.sha1.is_some() && p.digests.md5.is_some());
         }
+    }
+
+    /// The six real indexes in `../shared/real-indexes` (published binhosts nobody here
+    /// built) parse with every entry Portage itself reads; the one with a `URI` header
+    /// (GitHub release assets) says where its packages are.
+    #[test]
+    fn parses_real_published_indexes() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/real-indexes");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            panic!("{dir} is missing: the real indexes are part of the test data");
+        };
+        let mut seen = 0;
+        for e in entries.map(Result::unwrap) {
+            let name = e.file_name().into_string().unwrap();
+            if !name.ends_with("Packages") {
+                continue;
+            }
+            let idx = Index::parse(std::fs::read(e.path()).unwrap().into()).unwrap();
+            let header = idx.raw.split(|&b| b == b'\n').find_map(|l| {
+                l.strip_prefix(b"PACKAGES: ").map(|n| {
+                    std::str::from_utf8(n)
+                        .unwrap()
+                        .trim()
+                        .parse::<usize>()
+                        .unwrap()
+                })
+            });
+            assert_eq!(
+                Some(idx.packages.len()),
+                header,
+                "{name}: {:?}",
+                idx.rejected
+            );
+            if name == "necrose99__gentoo-binhost__x86_64-bonnell-linux-gnu__Packages" {
+                assert_eq!(
+                    idx.uri.as_deref(),
+                    Some(
+                        "https://github.com/spreequalle/gentoo-binhost/releases/download/x86_64-bonnell-linux-gnu"
+                    )
+                );
+            } else {
+                assert_eq!(idx.uri, None, "{name}");
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 6);
     }
 }
 

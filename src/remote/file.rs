@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError};
+use super::{
+    Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError, packages_gz,
+};
 use crate::index::{MAX_INDEX_BYTES, Validators};
 
 pub struct LocalDir {
@@ -110,10 +112,14 @@ impl Chunks for Reader {
     }
 }
 
-#[async_trait::async_trait]
-impl Transport for LocalDir {
-    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
-        let path = self.base.join("Packages");
+impl LocalDir {
+    /// One index file (`Packages` or `Packages.gz`); its stat is the validator.
+    async fn fetch_named(
+        &self,
+        name: &str,
+        since: Option<&Validators>,
+    ) -> Result<IndexFetch, TransportError> {
+        let path = self.base.join(name);
         let since = since.and_then(|v| v.etag.clone());
         let p = path.clone();
         bounded(&path, self.stall, move || {
@@ -135,8 +141,19 @@ impl Transport for LocalDir {
                 validators: Validators {
                     etag: Some(stamp),
                     last_modified: None,
+                    compressed: false,
                 },
             })
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for LocalDir {
+    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
+        packages_gz::gz_then_plain(since, |name, v| async move {
+            self.fetch_named(name, v.as_ref()).await
         })
         .await
     }

@@ -15,7 +15,7 @@ use reqwest::{StatusCode, Url, header};
 
 use super::{
     Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError, Validators,
-    chain, content_range,
+    chain, content_range, packages_gz,
 };
 use crate::credentials::Credentials;
 use crate::index::MAX_INDEX_BYTES;
@@ -79,10 +79,13 @@ impl Http {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
+        // Only for the origin they were given for (not for a `URI` header's server).
+        let origin = base.origin().ascii_serialization();
+        let credentials = opts.credentials.clone().filter(|c| c.origin == origin);
         Ok(Http {
             base,
             client,
-            credentials: opts.credentials.clone(),
+            credentials,
         })
     }
 
@@ -164,10 +167,14 @@ fn content_range_of(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
-#[async_trait::async_trait]
-impl Transport for Http {
-    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
-        let url = self.url("Packages");
+impl Http {
+    /// One index file (`Packages` or `Packages.gz`), conditionally.
+    async fn fetch_named(
+        &self,
+        name: &str,
+        since: Option<&Validators>,
+    ) -> Result<IndexFetch, TransportError> {
+        let url = self.url(name);
         let mut req = self.get(&url);
         if let Some(v) = since {
             if let Some(etag) = &v.etag {
@@ -193,6 +200,7 @@ impl Transport for Http {
         let validators = Validators {
             etag: header_str(header::ETAG),
             last_modified: header_str(header::LAST_MODIFIED),
+            compressed: false,
         };
         let mut raw = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| request_error(&url, &e))? {
@@ -207,6 +215,16 @@ impl Transport for Http {
             raw: raw.into(),
             validators,
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Http {
+    async fn fetch_index(&self, since: Option<&Validators>) -> Result<IndexFetch, TransportError> {
+        packages_gz::gz_then_plain(since, |name, v| async move {
+            self.fetch_named(name, v.as_ref()).await
+        })
+        .await
     }
 
     async fn open(&self, path: &str, from: u64, to: Option<u64>) -> Result<Body, TransportError> {
@@ -307,6 +325,28 @@ mod tests {
             h.url("a/b#c?d.tbz2").as_str(),
             "https://h/amd64/a/b%23c%3Fd.tbz2"
         );
+    }
+
+    #[test]
+    fn credentials_go_only_to_their_own_origin() {
+        let opts = RemoteOptions {
+            credentials: Some(Credentials {
+                user: "u".into(),
+                password: Some("p".into()),
+                origin: "https://h".into(),
+            }),
+            ..RemoteOptions::default()
+        };
+        let own = Http::new(Url::parse("https://h/amd64").unwrap(), &opts).unwrap();
+        assert!(own.credentials.is_some());
+        for other in [
+            "https://cdn.example/x",
+            "http://h/amd64",
+            "https://h:444/amd64",
+        ] {
+            let h = Http::new(Url::parse(other).unwrap(), &opts).unwrap();
+            assert!(h.credentials.is_none(), "{other}");
+        }
     }
 
     #[test]

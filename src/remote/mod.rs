@@ -18,6 +18,7 @@ mod content_range;
 mod endpoint;
 mod file;
 mod http;
+mod packages_gz;
 
 use std::path::PathBuf;
 use std::time::Duration;

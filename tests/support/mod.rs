@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::symlink;
 use std::os::unix::process::CommandExt;
@@ -152,8 +152,11 @@ pub fn fixture_packages() -> Vec<IndexEntry> {
 /// every package file the mtime its index entry records. Git does not keep
 /// mtimes, so a fresh checkout would otherwise disagree with `MTIME`, unlike a
 /// real binhost.
+/// The copy publishes `Packages` only (its `Packages.gz` is removed), so a test that rewrites
+/// `Packages` publishes the whole index; `tests/sources.rs` covers `Packages.gz`.
 pub fn copy_fixture_binhost(dst: &Path) {
     copy_tree(&fixture_binhost(), dst).expect("copy the fixture binhost");
+    let _ = fs::remove_file(dst.join("Packages.gz"));
     for entry in fixture_packages() {
         let path = dst.join(&entry["PATH"]);
         let mtime: u64 = entry["MTIME"].parse().expect("numeric MTIME");
@@ -162,6 +165,27 @@ pub fn copy_fixture_binhost(dst: &Path) {
             .open(&path)
             .and_then(|file| file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)))
             .unwrap_or_else(|err| panic!("set mtime of {}: {err}", path.display()));
+    }
+}
+
+/// Copies the binhost at `src` to `dst` as a plain local PKGDIR: every package file present
+/// gets the mtime its index entry records; entries without a file stay absent.
+pub fn copy_binhost(src: &Path, dst: &Path) {
+    copy_tree(src, dst).expect("copy the binhost");
+    let text = fs::read_to_string(dst.join("Packages")).expect("read the copy's Packages");
+    for entry in parse_packages(&text).1 {
+        let (Some(rel), Some(mtime)) = (entry.get("PATH"), entry.get("MTIME")) else {
+            continue;
+        };
+        let mtime: u64 = mtime.parse().expect("numeric MTIME");
+        let path = dst.join(rel);
+        if path.is_file() {
+            File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime)))
+                .unwrap_or_else(|err| panic!("set mtime of {}: {err}", path.display()));
+        }
     }
 }
 
@@ -357,6 +381,9 @@ fn describe(output: &Output) -> String {
 
 const NGINX: &str = "/usr/sbin/nginx";
 
+/// The path prefix of [`Nginx::sync_log`]'s marker requests (nothing serves it: 404).
+const SYNC_MARKER: &str = "/.binpkgfs-log-sync-";
+
 /// One line of the access log of an [`Nginx`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogLine {
@@ -486,16 +513,62 @@ impl Nginx {
         self.dir.path().join("access.log")
     }
 
-    /// Every request logged since start (or the last [`Nginx::clear_log`]).
-    /// nginx writes its access log unbuffered, so this is up to date once the
-    /// response was sent.
+    /// Every request logged since start (or the last [`Nginx::clear_log`]),
+    /// without the markers of [`Nginx::sync_log`]. nginx logs a request just
+    /// after sending its last byte, which a fast client can beat: call
+    /// `sync_log` (or wait for the line) before relying on what is missing.
     pub fn requests(&self) -> Vec<LogLine> {
+        self.all_requests()
+            .into_iter()
+            .filter(|line| !line.uri.starts_with(SYNC_MARKER))
+            .collect()
+    }
+
+    fn all_requests(&self) -> Vec<LogLine> {
         let text = fs::read_to_string(self.access_log()).unwrap_or_default();
         text.lines()
             .map(|line| {
                 LogLine::parse(line).unwrap_or_else(|| panic!("bad access log line {line:?}"))
             })
             .collect()
+    }
+
+    /// Returns once every request whose answer a client has received whole is
+    /// in the access log: sends a marker request of its own and waits (with a
+    /// deadline, failing the test) for its line. One nginx worker handles the
+    /// requests in turn and logs each as it ends, so the earlier ones come first.
+    pub fn sync_log(&self) {
+        static MARKERS: AtomicUsize = AtomicUsize::new(0);
+        let marker = format!("{SYNC_MARKER}{}", MARKERS.fetch_add(1, Ordering::Relaxed));
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to nginx");
+        write!(conn, "GET {marker} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .and_then(|()| io::copy(&mut conn, &mut io::sink()).map(drop))
+            .expect("marker request to nginx");
+        let logged = wait_until(Duration::from_secs(10), || {
+            self.all_requests().iter().any(|line| line.uri == marker)
+        });
+        assert!(logged, "nginx did not log {marker} within 10 s");
+    }
+
+    /// Waits (failing the test after `timeout`) until at least `n` logged requests satisfy
+    /// `pred`, and returns them.
+    pub fn wait_for_requests(
+        &self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> Vec<LogLine> {
+        let mut seen = Vec::new();
+        let enough = wait_until(timeout, || {
+            seen = self.requests().into_iter().filter(|l| pred(l)).collect();
+            seen.len() >= n
+        });
+        assert!(
+            enough,
+            "nginx logged {} matching requests within {timeout:?}, want {n}: {seen:#?}",
+            seen.len()
+        );
+        seen
     }
 
     /// How many logged requests satisfy `pred`.
@@ -707,11 +780,18 @@ pub fn tls_nginx(root: &Path, directives: &str) -> (String, PathBuf, Killed, Tem
 pub struct PortageSandbox {
     dir: TempDir,
     pkgdir: PathBuf,
+    repo: PathBuf,
     features: Vec<String>,
 }
 
 impl PortageSandbox {
+    /// A sandbox on the fixture repository (its profile, its ebuilds).
     pub fn new(pkgdir: &Path) -> PortageSandbox {
+        PortageSandbox::with_repo(pkgdir, &fixture_repo())
+    }
+
+    /// A sandbox whose only repository (and profile, `REPO/profiles/default`) is `repo`.
+    pub fn with_repo(pkgdir: &Path, repo: &Path) -> PortageSandbox {
         let dir = TempDir::with_prefix("binpkgfs-portage.").expect("sandbox temp dir");
         let s = dir.path();
         for sub in [
@@ -731,7 +811,7 @@ impl PortageSandbox {
         )
         .expect("link Portage defaults");
         symlink(
-            fixture_repo().join("profiles/default"),
+            repo.join("profiles/default"),
             s.join("etc/portage/make.profile"),
         )
         .expect("link profile");
@@ -754,6 +834,7 @@ FEATURES="-sandbox -usersandbox -userpriv -userfetch -ipc-sandbox -network-sandb
         PortageSandbox {
             dir,
             pkgdir: pkgdir.to_owned(),
+            repo: repo.to_owned(),
             features: Vec::new(),
         }
     }
@@ -784,7 +865,7 @@ FEATURES="-sandbox -usersandbox -userpriv -userfetch -ipc-sandbox -network-sandb
                 "PORTAGE_REPOSITORIES",
                 format!(
                     "[DEFAULT]\nmain-repo = binpkgfs-test\n[binpkgfs-test]\nlocation = {}\n",
-                    fixture_repo().display()
+                    self.repo.display()
                 ),
             )
             .env("FEATURES", self.features.join(" "))
@@ -832,6 +913,41 @@ FEATURES="-sandbox -usersandbox -userpriv -userfetch -ipc-sandbox -network-sandb
     }
 }
 
+/// Writes into `dir` an ebuild repository with no ebuilds, just enough for Portage to resolve
+/// binary packages of a real amd64 binhost whose index is `packages`: every category the index
+/// names, a profile accepting `amd64 ~amd64`. Returns `dir`.
+pub fn binary_only_repo(dir: &Path, packages: &str) -> PathBuf {
+    let categories: Vec<String> = parse_packages(packages)
+        .1
+        .iter()
+        .filter_map(|e| Some(e.get("CPV")?.split('/').next()?.to_owned()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let files = [
+        ("profiles/repo_name", "binpkgfs-test\n".to_owned()),
+        ("profiles/arch.list", "amd64\n".to_owned()),
+        ("profiles/categories", categories.join("\n") + "\n"),
+        ("profiles/default/eapi", "8\n".to_owned()),
+        (
+            "profiles/default/make.defaults",
+            "ARCH=\"amd64\"\nACCEPT_KEYWORDS=\"amd64 ~amd64\"\nELIBC=\"glibc\"\n\
+             KERNEL=\"linux\"\nUSERLAND=\"GNU\"\nCHOST=\"x86_64-pc-linux-gnu\"\n"
+                .to_owned(),
+        ),
+        (
+            "metadata/layout.conf",
+            "masters =\nthin-manifests = true\ncache-formats =\n".to_owned(),
+        ),
+    ];
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().expect("has a parent")).expect("create repo dirs");
+        fs::write(&path, text).expect("write repo file");
+    }
+    dir.to_owned()
+}
+
 fn host_path() -> String {
     std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into())
 }
@@ -846,6 +962,68 @@ fn read_dir_names(dir: &Path) -> Vec<String> {
         .filter_map(|entry| entry.file_name().into_string().ok())
         .collect()
 }
+
+// ---------------------------------------------------------------------------
+// Kernel modes
+// ---------------------------------------------------------------------------
+
+/// How the kernel reads a package the cache holds complete. Every mount-level test runs in
+/// both (see [`both_modes!`]): the development kernel has passthrough, most users' kernels
+/// (before 6.9, Gentoo's 6.1 and 6.6 LTS on most drivers) take the daemon-served path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// FUSE passthrough, the default: the kernel reads the cache file itself.
+    Passthrough,
+    /// `--no-passthrough`: every read goes through the daemon, as before Linux 6.9.
+    NoPassthrough,
+}
+
+impl Mode {
+    /// The `binpkgfs mount` arguments that select this mode.
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Passthrough => &[],
+            Mode::NoPassthrough => &["--no-passthrough"],
+        }
+    }
+}
+
+/// Declares each `fn name(mode) { ... }` as a module `name` with two tests,
+/// `name::passthrough` and `name::no_passthrough`, that run the body with that [`Mode`].
+/// Attributes (doc comments, `#[ignore]`) apply to both tests.
+///
+/// ```ignore
+/// both_modes! {
+///     /// What the test shows.
+///     fn reads_are_exact(mode) {
+///         let served = Served::new(mode, &[]);
+///         // ...
+///     }
+/// }
+/// ```
+macro_rules! both_modes {
+    ($($(#[$attr:meta])* fn $name:ident($mode:ident) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($mode: $crate::support::Mode) $body
+
+            $(#[$attr])*
+            #[test]
+            fn passthrough() {
+                run($crate::support::Mode::Passthrough)
+            }
+
+            $(#[$attr])*
+            #[test]
+            fn no_passthrough() {
+                run($crate::support::Mode::NoPassthrough)
+            }
+        }
+    )*};
+}
+pub(crate) use both_modes;
 
 // ---------------------------------------------------------------------------
 // binpkgfs mounts
@@ -897,21 +1075,32 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Runs `binpkgfs mount --cache-dir CACHE --pid-file PID [EXTRA] URL MNT`
+    /// Runs `binpkgfs mount --cache-dir CACHE --pid-file PID [MODE] [EXTRA] URL MNT`
     /// and returns once that command has returned with the filesystem ready.
     ///
     /// On failure the error is the command's stderr (the CLI promises one
     /// line), or a description of what went wrong around it.
-    pub fn new(url: &str, cache_dir: &Path, extra_args: &[&str]) -> Result<Mount, String> {
+    pub fn new(
+        mode: Mode,
+        url: &str,
+        cache_dir: &Path,
+        extra_args: &[&str],
+    ) -> Result<Mount, String> {
         let mount = Mount {
             mountpoint: TempDir::with_prefix("binpkgfs-mnt.").expect("mount point"),
             state: TempDir::with_prefix("binpkgfs-state.").expect("mount state dir"),
             pid: None,
         };
-        mount.run(url, cache_dir, extra_args)
+        mount.run(mode, url, cache_dir, extra_args)
     }
 
-    fn run(mut self, url: &str, cache_dir: &Path, extra_args: &[&str]) -> Result<Mount, String> {
+    fn run(
+        mut self,
+        mode: Mode,
+        url: &str,
+        cache_dir: &Path,
+        extra_args: &[&str],
+    ) -> Result<Mount, String> {
         let pid_file = self.state.path().join("pid");
         let mut cmd = Command::new(binpkgfs_bin());
         cmd.arg("mount")
@@ -919,6 +1108,7 @@ impl Mount {
             .arg(cache_dir)
             .arg("--pid-file")
             .arg(&pid_file)
+            .args(mode.args())
             .args(extra_args)
             .arg(url)
             .arg(self.path());
@@ -1053,13 +1243,13 @@ pub struct Served {
 }
 
 impl Served {
-    pub fn new(extra_args: &[&str]) -> Served {
+    pub fn new(mode: Mode, extra_args: &[&str]) -> Served {
         require_real_parts();
         let binhost = TempDir::new().unwrap();
         copy_fixture_binhost(binhost.path());
         let nginx = Nginx::start(binhost.path());
         let cache = TempDir::new().unwrap();
-        let mount = Mount::new(&nginx.url(), cache.path(), extra_args)
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), extra_args)
             .unwrap_or_else(|err| panic!("binpkgfs mount {} failed: {err}", nginx.url()));
         Served {
             mount,
@@ -1084,14 +1274,20 @@ impl Served {
     }
 
     /// nginx logs a request just after sending its last byte, which a fast client can beat:
-    /// wait (briefly) until each of `entries` shows up, or a moment if none are expected.
+    /// waits until each of `entries` shows up (failing the test after a deadline), then until
+    /// every answer already received is logged ([`Nginx::sync_log`]).
     pub fn settle(&self, entries: &[&IndexEntry]) {
-        if entries.is_empty() {
-            thread::sleep(Duration::from_millis(300));
-        }
-        wait_until(Duration::from_secs(5), || {
-            entries.iter().all(|e| !self.fetches_of(e).is_empty())
+        let mut missing = Vec::new();
+        let all = wait_until(Duration::from_secs(10), || {
+            missing = entries
+                .iter()
+                .filter(|e| self.fetches_of(e).is_empty())
+                .map(|e| e["PATH"].clone())
+                .collect();
+            missing.is_empty()
         });
+        assert!(all, "nginx never logged a request for {missing:?}");
+        self.nginx.sync_log();
     }
 }
 
