@@ -465,7 +465,8 @@ both_modes! {
         };
         // The reader is answered once the file is verified; committing it to the cache follows.
         let idle = support::wait_until(Duration::from_secs(5), || {
-            status().contains("\"downloads_in_flight\":0")
+            let s = status();
+            s.contains("\"downloads_in_flight\":0") && s.contains("\"entries\":1")
         });
         assert!(idle, "a download still in flight 5 s after the read: {}", status());
         let text = status();
