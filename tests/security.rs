@@ -20,9 +20,12 @@ use tempfile::TempDir;
 
 const USER: &str = "alice";
 
-/// A password unique to this run, so a hit anywhere is ours.
+/// A password unique to this test (tests run in parallel, and a `binpkgfs mount` still
+/// starting shows its own command line), so a hit anywhere is ours.
 fn password() -> String {
-    format!("Pw{}x{}Secret", std::process::id(), line!())
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("Pw{}x{n}Secret", std::process::id())
 }
 
 /// Runs `cmd ARGS` as user `nobody`.
