@@ -31,7 +31,7 @@ pub const GLOBAL_BINREPOS: &str = "/usr/share/portage/config/binrepos.conf";
 pub const DEFAULT_BINREPOS: &str = "/etc/portage/binrepos.conf";
 
 /// One binhost of a mount, in processing order (highest priority first).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BinRepo {
     /// The section name; for a command-line binhost, its URI.
     pub name: String,
@@ -58,7 +58,7 @@ impl BinRepo {
 }
 
 /// A `getbinpkg-include`/`-exclude` atom: `[cat/]pn[:slot]`, with `*` wildcards.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Atom {
     pub cat: String,
     pub pn: String,

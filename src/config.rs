@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::{BinhostUrl, Credentials};
 
 use crate::remote::SshOptions;
 
@@ -53,6 +56,10 @@ pub enum Command {
     },
     /// Fetch packages into a mounted binpkgfs's cache now, by reading them through the mount.
     Prefetch(PrefetchArgs),
+    /// Internal: the detached daemon. It reads its validated `MountConfig` (JSON) from stdin,
+    /// so no setting, and no password, is on its command line.
+    #[command(hide = true)]
+    Daemon,
 }
 
 #[derive(Debug, Args)]
@@ -173,21 +180,28 @@ pub struct MountArgs {
     /// a changed key is still refused.
     #[arg(long)]
     pub ssh_accept_new: bool,
+    /// Credentials for the binhost from FILE, as curl and wget read `.netrc`
+    /// (`machine HOST login USER password PASS`); the file must be private (mode 600).
+    #[arg(long)]
+    pub netrc_file: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for an https binhost, on top of the system's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, streams=, verify=, ssh_identity=, ssh_known_hosts=,
-    /// ssh_config=, ssh_option=KEY=VALUE, ssh_accept_new, noprefetch, nopassthrough,
-    /// allow_other, and the usual mount words.
+    /// stall_timeout=, mtimedb=, streams=, verify=, netrc_file=, ca_file=, ssh_identity=,
+    /// ssh_known_hosts=, ssh_config=, ssh_option=KEY=VALUE, ssh_accept_new, binhost=,
+    /// binrepos[=FILE], proxy=, request_signature, noprefetch, nopassthrough, allow_other, and
+    /// the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
-    /// Internal: report readiness on stdout (used by the detaching parent).
-    #[arg(long, hide = true)]
-    pub notify_ready: bool,
 }
 
-/// Everything a mount needs, checked.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything a mount needs, checked. The detaching parent hands it to the daemon as JSON over
+/// a pipe (see `daemon`), so it holds only settled values. `Debug` never shows a password.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MountConfig {
-    /// What the mount shows as its source: the binhost's URL, or `binrepos`.
+    /// What the mount shows as its source: the binhost's URL (never with its credentials),
+    /// or `binrepos`.
     pub url: String,
     /// The binhosts, highest priority first (`binrepos`); one for a plain mount.
     pub binhosts: Vec<crate::binrepos::BinRepo>,
@@ -195,6 +209,11 @@ pub struct MountConfig {
     pub merge: bool,
     /// `--proxy`: used for every HTTP(S) binhost instead of the environment's.
     pub proxy: Option<String>,
+    /// HTTP Basic credentials, each for the one origin it was given for (from a URL's userinfo
+    /// or `--netrc-file`); the URLs above no longer carry them.
+    pub credentials: Vec<Credentials>,
+    /// Extra CA certificates (PEM) for an https binhost.
+    pub ca_file: Option<PathBuf>,
     pub mountpoint: PathBuf,
     pub foreground: bool,
     pub notify_ready: bool,
@@ -264,6 +283,8 @@ impl MountConfig {
         let mut verify = None;
         let mut allow_other = None;
         let mut mtimedb = None;
+        let mut netrc_file = None;
+        let mut ca_file = None;
         let mut no_prefetch = a.no_prefetch;
         let mut passthrough = !a.no_passthrough;
         let mut ssh_identity = None;
@@ -299,6 +320,8 @@ impl MountConfig {
                 }
                 None if opt == "request_signature" => request_signature = true,
                 Some(("verify", v)) => verify = Some(v.to_string()),
+                Some(("netrc_file", v)) => netrc_file = Some(PathBuf::from(v)),
+                Some(("ca_file", v)) => ca_file = Some(PathBuf::from(v)),
                 // fstab comments and systemd's x-* words.
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
@@ -369,8 +392,36 @@ impl MountConfig {
             accept_new: ssh_accept_new,
             control_dir: ssh_control_dir(&mountpoint),
         };
-        let (url, binhosts, merge) =
+        let (url, mut binhosts, merge) =
             binhosts(urls, extra_binhosts, binrepos.as_deref(), request_signature)?;
+        // Credentials leave the URLs here: from now on only the shown form exists.
+        let netrc = a.netrc_file.or(netrc_file);
+        let mut credentials = Vec::new();
+        for (i, b) in binhosts.iter_mut().enumerate() {
+            for (j, m) in b.mirrors.iter_mut().enumerate() {
+                let mut parsed = BinhostUrl::parse(m);
+                let http = m.starts_with("http://") || m.starts_with("https://");
+                if let (Some(n), true) = (&netrc, http) {
+                    match parsed.clone().with_netrc(n) {
+                        Ok(p) => parsed = p,
+                        // The first binhost must find its entry; others may have none.
+                        Err(e) if i == 0 && j == 0 => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+                credentials.extend(parsed.credentials().cloned());
+                *m = parsed.as_str().to_string();
+            }
+        }
+        let url = match url.as_str() {
+            "binrepos" => url,
+            u => BinhostUrl::parse(u).as_str().to_string(),
+        };
+        let ca_file = a.ca_file.or(ca_file).map(|p| absolute(&p)).transpose()?;
+        if let Some(ca) = &ca_file {
+            // Read now, so a wrong path is an error before anything starts.
+            std::fs::metadata(ca).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+        }
         let proxy = a.proxy.or(proxy);
         if let Some(p) = &proxy {
             reqwest::Url::parse(p).map_err(|e| format!("proxy {p:?}: {e}"))?;
@@ -380,9 +431,11 @@ impl MountConfig {
             binhosts,
             merge,
             proxy,
+            credentials,
+            ca_file,
             mountpoint,
             foreground: a.foreground,
-            notify_ready: a.notify_ready,
+            notify_ready: false,
             cache_dir: absolute(&cache_dir)?,
             cache_size,
             index_ttl,
@@ -753,6 +806,34 @@ mod tests {
         assert!(cfg(&["--proxy", "not a url", "http://a", "/mnt"]).is_err());
         let c = cfg(&["-o", "proxy=http://squid:3128", "http://a", "/mnt"]).unwrap();
         assert_eq!(c.proxy.as_deref(), Some("http://squid:3128"));
+    }
+
+    #[test]
+    fn the_config_crosses_to_the_daemon_whole_but_never_shows_the_password() {
+        let c = cfg(&["--streams", "2", "https://al:s3cret@h/x", "/mnt"]).unwrap();
+        assert_eq!(c.url.as_str(), "https://h/x");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let json = serde_json::to_vec(&c).unwrap();
+        let back: MountConfig = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, c);
+        let creds = &back.credentials[0];
+        assert_eq!(creds.password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn netrc_and_ca_file_options() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let netrc = dir.path().join("netrc");
+        std::fs::write(&netrc, "machine h login al password pw\n").unwrap();
+        std::fs::set_permissions(&netrc, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let opt = format!("netrc_file={}", netrc.display());
+        let c = cfg(&["-o", &opt, "https://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.credentials[0].user, "al");
+        let e = cfg(&["--ca-file", "/nonexistent.pem", "https://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("CA file /nonexistent.pem"), "{e}");
+        let e = cfg(&["--netrc-file", "/nonexistent", "https://h/x", "/mnt"]).unwrap_err();
+        assert!(e.contains("netrc file /nonexistent"), "{e}");
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! The mount process: pre-flight checks, detaching, readiness, signals and a clean unmount.
 //!
-//! `binpkgfs mount` without `-f` re-executes itself with `-f --notify-ready` in a new session,
-//! reads one line from the child's stdout (`ready` or `error: ...`), and exits with that verdict.
+//! `binpkgfs mount` without `-f` starts `binpkgfs daemon` in a new session, hands it the
+//! validated config over a pipe (never on its command line: it may hold a password), reads one
+//! line from the child's stdout (`ready` or `error: ...`), and exits with that verdict.
 //! So the command returns only once the tree is listable, and a failure is one clear line with
 //! a non-zero exit, while the daemon keeps no tie to the terminal (its logs go to a file).
 //!
 //! The daemon ends when the filesystem is unmounted (`umount`, `fusermount3 -u`) or on
-//! SIGTERM/SIGINT, which unmount first. Either way nothing is left mounted or running.
+//! SIGTERM/SIGINT, which unmount first. Either way nothing is left mounted or running; an
+//! error after the kernel mount (pid file, a tree that does not list) unmounts before exit.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -105,6 +108,8 @@ fn remote_options(cfg: &MountConfig) -> RemoteOptions {
         stall_timeout: cfg.stall_timeout,
         ssh: cfg.ssh.clone(),
         proxy: cfg.proxy.clone(),
+        credentials: cfg.credentials.clone(),
+        ca_file: cfg.ca_file.clone(),
     }
 }
 
@@ -114,18 +119,21 @@ fn default_log_file(cfg: &MountConfig) -> PathBuf {
         .unwrap_or_else(|| cfg.cache_dir.join("binpkgfs.log"))
 }
 
-/// Starts the daemon and waits for its verdict.
+/// Starts the daemon and waits for its verdict. The daemon's command line is only
+/// `binpkgfs daemon`: it reads the validated config from a pipe on its stdin, so neither a
+/// setting nor a password shows in `ps`, and nothing is parsed twice.
 fn detach(cfg: &MountConfig) -> Result<(), String> {
+    let mut child_cfg = cfg.clone();
+    child_cfg.foreground = true;
+    child_cfg.notify_ready = true;
+    child_cfg.log_file = Some(default_log_file(cfg));
+    let json = serde_json::to_vec(&child_cfg).map_err(|e| format!("passing settings: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("finding own executable: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.args(std::env::args_os().skip(1))
-        .args(["--foreground", "--notify-ready"])
-        .stdin(Stdio::null())
+    cmd.arg("daemon")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    if cfg.log_file.is_none() {
-        cmd.arg("--log-file").arg(default_log_file(cfg));
-    }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal.
     unsafe {
         cmd.pre_exec(|| {
@@ -134,6 +142,13 @@ fn detach(cfg: &MountConfig) -> Result<(), String> {
         });
     }
     let mut child = cmd.spawn().map_err(|e| format!("starting daemon: {e}"))?;
+    {
+        // Dropped at the end of the block: the daemon reads to end of file.
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin
+            .write_all(&json)
+            .map_err(|e| format!("passing settings to the daemon: {e}"))?;
+    }
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
@@ -149,6 +164,22 @@ fn detach(cfg: &MountConfig) -> Result<(), String> {
             default_log_file(cfg).display()
         )),
     }
+}
+
+/// `binpkgfs daemon`: the detached daemon, started by `detach` with its config on stdin.
+pub fn run_detached() -> Result<(), String> {
+    let mut json = Vec::new();
+    io::stdin()
+        .lock()
+        .read_to_end(&mut json)
+        .map_err(|e| format!("reading settings: {e}"))?;
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: both fds are valid.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
+    let cfg: MountConfig = serde_json::from_slice(&json)
+        .map_err(|e| format!("`binpkgfs daemon` is started by `binpkgfs mount`: {e}"))?;
+    serve(cfg)
 }
 
 /// Tells the detaching parent (if any) how the start went.
@@ -176,6 +207,9 @@ impl Notifier {
 }
 
 fn serve(cfg: MountConfig) -> Result<(), String> {
+    // Whatever the daemon creates (cache entries, saved index, log) has no world access.
+    // SAFETY: umask(2) cannot fail.
+    unsafe { libc::umask(0o027) };
     let mut notify = Notifier::new(cfg.notify_ready);
     match run(&cfg, &mut notify) {
         Ok(()) => Ok(()),
@@ -187,13 +221,32 @@ fn serve(cfg: MountConfig) -> Result<(), String> {
     }
 }
 
+/// The stages between the kernel and the remote, opened before anything is mounted.
+struct Backend {
+    lifecycle: Arc<Lifecycle>,
+    fetcher: Arc<Fetcher>,
+    /// A merged mount's binhosts (their refreshes and status).
+    union: Option<Arc<Union>>,
+    /// A single binhost's mirrors, for status.
+    single_mirrors: Vec<Arc<crate::remote::Mirror>>,
+}
+
+impl Backend {
+    /// The status closure: the plain one, plus each binhost and mirror where there are several.
+    fn status(&self, cfg: &MountConfig) -> Box<dyn Fn() -> String + Send + Sync> {
+        let status = status::reporter(cfg, self.lifecycle.clone(), self.fetcher.clone());
+        match &self.union {
+            Some(u) => union_status(status, u.clone()),
+            None if !self.single_mirrors.is_empty() => {
+                mirrors_status(status, self.single_mirrors.clone())
+            }
+            None => status,
+        }
+    }
+}
+
 fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
-    fs::create_dir_all(&cfg.cache_dir)
-        .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
-    crate::logging::init(cfg)?;
-    raise_fd_limit();
-    // Paths are absolute by now; do not pin whatever directory we were started from.
-    let _ = std::env::set_current_dir("/");
+    prepare_process(cfg)?;
     info!(url = %cfg.url, mountpoint = %cfg.mountpoint.display(), "starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -201,6 +254,69 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         .thread_name("binpkgfs-io")
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
+    let result = run_on(cfg, notify, &rt);
+    // Not a plain drop: that waits for every blocking task, and one stuck in the kernel on a
+    // hung file:// binhost never ends.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// Opens the stages, mounts, serves, and unmounts; every early return unmounts first.
+fn run_on(
+    cfg: &MountConfig,
+    notify: &mut Notifier,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), String> {
+    // Everything that can fail without a mount is done before mounting: nothing to undo.
+    let backend = open_backend(cfg, rt)?;
+    let signals = rt
+        .block_on(async { Signals::new() })
+        .map_err(|e| format!("signal handlers: {e}"))?;
+    let pid_file = cfg.pid_file.as_deref().map(PidFile::create).transpose()?;
+    let mut mounted = Mounted::mount(cfg, &backend, rt)?;
+    // From here on, an early return drops `mounted`, which unmounts: nothing is left behind.
+    if let Err(e) = fs::read_dir(&cfg.mountpoint) {
+        return Err(format!("mounted, but the tree is not listable: {e}"));
+    }
+    if let Some(pid_file) = &pid_file {
+        pid_file.write()?;
+    }
+    info!(
+        packages = backend.lifecycle.ns.current().index.packages.len(),
+        "mounted"
+    );
+    notify.send("ready");
+    let refresher = match &backend.union {
+        Some(u) => rt.spawn(u.clone().run(cfg.index_ttl)),
+        None => rt.spawn(backend.lifecycle.clone().run(cfg.index_ttl)),
+    };
+    let prefetcher = cfg.prefetch_mtimedb.clone().map(|mtimedb| {
+        rt.spawn(crate::prefetch::watch(
+            mtimedb,
+            backend.lifecycle.clone(),
+            backend.fetcher.clone(),
+        ))
+    });
+    let result = mounted.wait_for_end(rt, signals);
+    refresher.abort();
+    if let Some(p) = prefetcher {
+        p.abort();
+    }
+    result
+}
+
+/// The cache directory (private), logging, file limits, and no pinned working directory.
+fn prepare_process(cfg: &MountConfig) -> Result<(), String> {
+    crate::cache::create_private_dir(&cfg.cache_dir)
+        .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
+    crate::logging::init(cfg)?;
+    raise_fd_limit();
+    // Paths are absolute by now; do not pin whatever directory we were started from.
+    let _ = std::env::set_current_dir("/");
+    Ok(())
+}
+
+fn open_backend(cfg: &MountConfig, rt: &tokio::runtime::Runtime) -> Result<Backend, String> {
     let store = Arc::new(Store::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| e.to_string())?);
     let mut single_mirrors = Vec::new();
     let (lifecycle, fetcher, union) = if cfg.merge {
@@ -224,25 +340,182 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         (lifecycle, Fetcher::new(endpoint, store), None)
     };
     let fetcher = Arc::new(fetcher.with_streams(cfg.streams).with_verify(cfg.verify));
-    let status = status::reporter(cfg, lifecycle.clone(), fetcher.clone());
-    let status = match &union {
-        Some(u) => union_status(status, u.clone()),
-        None if !single_mirrors.is_empty() => mirrors_status(status, single_mirrors),
-        None => status,
-    };
-    let ttl = crate::fs::attr_ttl(cfg.index_ttl);
-    let fs = BinpkgFs::new(
-        lifecycle.ns.clone(),
-        fetcher.clone(),
-        rt.handle().clone(),
-        ttl,
-        status,
-    )
-    .with_passthrough(cfg.passthrough);
+    Ok(Backend {
+        lifecycle,
+        fetcher,
+        union,
+        single_mirrors,
+    })
+}
 
+/// SIGTERM and SIGINT, set up before the mount so that failing to set them up leaves nothing.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// The pid file: opened before the mount (a bad path fails early), written once the mount
+/// answers, removed at exit. Never follows a symlink.
+struct PidFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl PidFile {
+    fn create(path: &Path) -> Result<PidFile, String> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| format!("pid file {}: {e}", path.display()))?;
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write(&self) -> Result<(), String> {
+        (&self.file)
+            .write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(|e| format!("pid file {}: {e}", self.path.display()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        // Only a file we wrote: `--pid-file /dev/null` (or a device named by mistake) stays.
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.is_file()) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The kernel mount and the thread serving it. Dropping it unmounts (lazily if need be) and
+/// waits for the FUSE loop to end, so no error path leaves a mount behind.
+struct Mounted {
+    mountpoint: PathBuf,
+    unmounter: fuser::SessionUnmounter,
+    /// The FUSE loop's verdict, sent when it ends.
+    done: Option<std::sync::mpsc::Receiver<io::Result<()>>>,
+    /// The loop ended by itself (the filesystem was unmounted from outside).
+    ended: bool,
+}
+
+impl Mounted {
+    fn mount(
+        cfg: &MountConfig,
+        backend: &Backend,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Mounted, String> {
+        let fs = BinpkgFs::new(
+            backend.lifecycle.ns.clone(),
+            backend.fetcher.clone(),
+            rt.handle().clone(),
+            crate::fs::attr_ttl(cfg.index_ttl),
+            backend.status(cfg),
+        )
+        .with_passthrough(cfg.passthrough);
+        let notifier = fs.notifier_slot();
+        let mut session = Session::new(fs, &cfg.mountpoint, &fuse_config(cfg))
+            .map_err(|e| format!("mounting at {}: {e}", cfg.mountpoint.display()))?;
+        let _ = notifier.set(session.notifier());
+        let mut mounted = Mounted {
+            mountpoint: cfg.mountpoint.clone(),
+            unmounter: session.unmount_callable(),
+            done: None,
+            ended: false,
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("fuse".into())
+            .spawn(move || {
+                let _ = done_tx.send(session.run());
+            })
+            // `mounted` unmounts as it is dropped.
+            .map_err(|e| format!("starting FUSE loop: {e}"))?;
+        mounted.done = Some(done_rx);
+        Ok(mounted)
+    }
+
+    /// Serves until the filesystem is unmounted or a signal asks us to unmount.
+    fn wait_for_end(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        mut signals: Signals,
+    ) -> Result<(), String> {
+        let done = self.done.take().expect("mounted");
+        let (tx, mut verdict) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(done.recv().unwrap_or(Ok(())));
+        });
+        let by_signal = rt.block_on(async {
+            tokio::select! {
+                r = &mut verdict => Err(r),
+                _ = signals.term.recv() => Ok(()),
+                _ = signals.int.recv() => Ok(()),
+            }
+        });
+        let result = match by_signal {
+            Err(r) => {
+                self.ended = true;
+                r.unwrap_or(Ok(()))
+            }
+            Ok(()) => {
+                info!("signal received, unmounting");
+                self.unmount();
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), verdict).await })
+                    .map_or(Ok(()), |r| r.unwrap_or(Ok(())))
+            }
+        };
+        match result {
+            Ok(()) => {
+                info!("unmounted, exiting");
+                Ok(())
+            }
+            Err(e) => Err(format!("FUSE session ended with an error: {e}")),
+        }
+    }
+
+    fn unmount(&mut self) {
+        if let Err(e) = self.unmounter.unmount() {
+            warn!("unmount failed: {e}; detaching lazily");
+            lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.unmount();
+        if let Some(done) = self.done.take() {
+            let _ = done.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+fn fuse_config(cfg: &MountConfig) -> Config {
     let mut options = vec![
+        // The source in mountinfo: the URL without userinfo, never a password.
         MountOption::FSName(cfg.url.clone()),
-        MountOption::Subtype("binpkgfs".into()),
+        // fuser passes `Subtype` only to fusermount; as root it mounts with type `fuse`, so
+        // the subtype goes to the kernel as a mount option: the type reads `fuse.binpkgfs`.
+        MountOption::CUSTOM("subtype=binpkgfs".into()),
         MountOption::RO,
         MountOption::NoSuid,
         MountOption::NoDev,
@@ -260,82 +533,7 @@ fn run(cfg: &MountConfig, notify: &mut Notifier) -> Result<(), String> {
         SessionACL::Owner
     };
     fuse_cfg.n_threads = Some(2);
-    let notifier = fs.notifier_slot();
-    let mut session = Session::new(fs, &cfg.mountpoint, &fuse_cfg)
-        .map_err(|e| format!("mounting at {}: {e}", cfg.mountpoint.display()))?;
-    let _ = notifier.set(session.notifier());
-    let mut unmounter = session.unmount_callable();
-    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("fuse".into())
-        .spawn(move || {
-            let _ = done_tx.send(session.run());
-        })
-        .map_err(|e| format!("starting FUSE loop: {e}"))?;
-
-    // Ready means listable, checked through the kernel like any user would.
-    if let Err(e) = fs::read_dir(&cfg.mountpoint) {
-        let _ = unmounter.unmount();
-        return Err(format!("mounted, but the tree is not listable: {e}"));
-    }
-    if let Some(pid_file) = &cfg.pid_file {
-        fs::write(pid_file, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("pid file {}: {e}", pid_file.display()))?;
-    }
-    info!(
-        packages = lifecycle.ns.current().index.packages.len(),
-        "mounted"
-    );
-    notify.send("ready");
-
-    let refresher = match union {
-        Some(u) => rt.spawn(u.run(cfg.index_ttl)),
-        None => rt.spawn(lifecycle.clone().run(cfg.index_ttl)),
-    };
-    let prefetcher = cfg.prefetch_mtimedb.clone().map(|mtimedb| {
-        rt.spawn(crate::prefetch::watch(
-            mtimedb,
-            lifecycle.clone(),
-            fetcher.clone(),
-        ))
-    });
-    let ended = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            r = &mut done_rx => Some(r),
-            _ = term.recv() => None,
-            _ = int.recv() => None,
-        }
-    });
-    let result = match ended {
-        Some(r) => r,
-        None => {
-            info!("signal received, unmounting");
-            if let Err(e) = unmounter.unmount() {
-                warn!("unmount failed: {e}; detaching lazily");
-                lazy_unmount(&cfg.mountpoint);
-            }
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), done_rx).await })
-                .unwrap_or(Ok(Ok(())))
-        }
-    };
-    refresher.abort();
-    if let Some(p) = prefetcher {
-        p.abort();
-    }
-    if let Some(pid_file) = &cfg.pid_file {
-        let _ = fs::remove_file(pid_file);
-    }
-    rt.shutdown_timeout(Duration::from_secs(2));
-    match result {
-        Ok(Ok(())) | Err(_) => {
-            info!("unmounted, exiting");
-            Ok(())
-        }
-        Ok(Err(e)) => Err(format!("FUSE session ended with an error: {e}")),
-    }
+    fuse_cfg
 }
 
 /// The status of a merged mount: the plain one, plus each binhost and its mirrors.

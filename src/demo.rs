@@ -1,7 +1,7 @@
 //! `binpkgfs demo`: the main job on a built-in binhost, with no server and no configuration.
 //!
 //! It mounts the small real binhost shipped in the source tree (`tests/fixtures/binhost`, built
-//! by Portage) through `file://` at a temporary directory, in a temporary cache, exactly as
+//! by Portage) through `file://` at a private temporary directory (mkdtemp), in a temporary cache, exactly as
 //! `binpkgfs mount` would; lists the tree with the index's sizes and mtimes; reads every package
 //! through the mount, as Portage does: the gpkg's tar members (with the `tar` crate) and the
 //! package's metadata (decompressed with `zstd`); prints `status`; and unmounts. Nothing is left
@@ -26,7 +26,13 @@ pub fn run() -> Result<(), String> {
             binhost.display()
         ));
     }
-    let scratch = std::env::temp_dir().join(format!("binpkgfs-demo.{}", std::process::id()));
+    // A private directory (mkdtemp, 0700): a predictable name in /tmp would let another user
+    // plant a symlinked `cache/partial` there, which the daemon (root) would follow.
+    let scratch = tempfile::Builder::new()
+        .prefix("binpkgfs-demo.")
+        .tempdir()
+        .map_err(|e| format!("temporary directory: {e}"))?
+        .keep();
     let (mnt, cache) = (scratch.join("mnt"), scratch.join("cache"));
     fs::create_dir_all(&mnt)
         .and_then(|()| fs::create_dir_all(&cache))

@@ -6,6 +6,7 @@
 //! * `index` — parse `Packages` into an immutable index (PATH checks, cache keys);
 //! * `namespace` — the tree of one index: inodes and attributes;
 //! * `snapshot` — the current tree, shared; the swap at a refresh;
+//! * `credentials` — binhost URLs split into what may be shown and the secret;
 //! * `remote` — transports (HTTP(S), `file://`) behind one trait, and per-server state;
 //! * `cache` — the on-disk store of verified packages and the saved index;
 //! * `fetch` — shared, verified, resumable transfers from a remote into the cache;
@@ -20,6 +21,7 @@
 pub mod binrepos;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod demo;
 pub mod error;

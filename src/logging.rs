@@ -3,8 +3,13 @@
 //! A detached daemon must never log to a terminal that may be gone, so it writes to
 //! `--log-file` (default `<cache-dir>/binpkgfs.log`) and points its own stderr there too, so a
 //! panic message lands beside the log lines that led to it. fuser's `log` records are bridged in.
+//!
+//! The log file is mode 0640 (tightened if an older one was world-readable) and is never opened
+//! through a symlink: the daemon runs as root, and a link planted where the log goes must not
+//! make it append to (or create) a file elsewhere.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::Mutex;
 
@@ -17,11 +22,19 @@ pub fn init(cfg: &MountConfig) -> Result<(), String> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = match &cfg.log_file {
         Some(path) => {
+            let err = |e: std::io::Error| format!("log file {}: {e}", path.display());
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o640)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
-                .map_err(|e| format!("log file {}: {e}", path.display()))?;
+                .map_err(err)?;
+            let meta = file.metadata().map_err(err)?;
+            if meta.is_file() && meta.permissions().mode() & 0o007 != 0 {
+                file.set_permissions(std::fs::Permissions::from_mode(0o640))
+                    .map_err(err)?;
+            }
             // SAFETY: both fds are valid for the duration of the call.
             unsafe { libc::dup2(file.as_raw_fd(), 2) };
             builder

@@ -9,6 +9,7 @@ fn main() {
     let result = match cli.command {
         Command::Mount(args) => MountConfig::from_args(*args).and_then(binpkgfs::daemon::mount),
         Command::Demo => binpkgfs::demo::run(),
+        Command::Daemon => binpkgfs::daemon::run_detached(),
         Command::Prefetch(args) => {
             PrefetchConfig::from_args(args).and_then(binpkgfs::prefetch::run)
         }

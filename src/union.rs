@@ -381,8 +381,7 @@ mod tests {
         let opts = RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
-            proxy: None,
-            ssh: Default::default(),
+            ..RemoteOptions::default()
         };
         let repos = vec![
             repo("high", high.path(), 2),

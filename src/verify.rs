@@ -20,7 +20,7 @@ pub struct Digests {
 }
 
 /// Which digests a download is checked against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum VerifyMode {
     /// SIZE and the strongest digest the entry carries (BLAKE2B, then SHA512, SHA1, MD5).
     /// Finding a second file with a given SHA1 is out of reach, and Portage itself checks MD5

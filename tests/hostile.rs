@@ -1276,8 +1276,7 @@ fn fetch_in_process(server: &Faulty, split_below: f64) -> Vec<u8> {
     let opts = remote::RemoteOptions {
         connect_timeout: Duration::from_secs(10),
         stall_timeout: Duration::from_secs(10),
-        proxy: None,
-        ssh: Default::default(),
+        ..Default::default()
     };
     let endpoint = Arc::new(remote::Endpoint::new(
         remote::connect(&server.url(), &opts).unwrap(),

@@ -465,7 +465,8 @@ both_modes! {
         };
         // The reader is answered once the file is verified; committing it to the cache follows.
         let idle = support::wait_until(Duration::from_secs(5), || {
-            status().contains("\"downloads_in_flight\":0")
+            let s = status();
+            s.contains("\"downloads_in_flight\":0") && s.contains("\"entries\":1")
         });
         assert!(idle, "a download still in flight 5 s after the read: {}", status());
         let text = status();
@@ -594,115 +595,12 @@ both_modes! {
     }
 }
 
-/// Kills the TLS nginx however the test ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A real nginx serving the fixture over HTTPS with a certificate for 127.0.0.1 that no system
-/// store trusts. Returns (url, the CA's PEM, the nginx guard, its temp dir).
-fn tls_nginx(root: &Path) -> (String, PathBuf, Killed, TempDir) {
-    let dir = TempDir::with_prefix("binpkgfs-tls.").unwrap();
-    // A throwaway CA and a server certificate for 127.0.0.1 signed by it.
-    let p = |name: &str| dir.path().join(name);
-    let (key, cert, ca) = (p("key.pem"), p("cert.pem"), p("ca.pem"));
-    fs::write(
-        p("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        support::run_ok(Command::new("openssl").current_dir(dir.path()).args(args));
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=binpkgfs test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "leaf.csr",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-    ]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let d = dir.path().display();
-    let conf = format!(
-        "daemon off; master_process off; user root; error_log {d}/error.log; pid {d}/nginx.pid;\n\
-         events {{}}\n\
-         http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
-           fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-           server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
-             root {}; }} }}\n",
-        cert.display(),
-        key.display(),
-        root.display()
-    );
-    fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let child = Killed(
-        Command::new("/usr/sbin/nginx")
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-p")
-            .arg(dir.path())
-            .spawn()
-            .unwrap(),
-    );
-    let up = support::wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(up, "TLS nginx did not start");
-    (format!("https://127.0.0.1:{port}"), ca, child, dir)
-}
-
 both_modes! {
     fn https_binhosts_are_verified_against_the_system_trust_store(mode) {
         support::require_real_parts();
         let binhost = TempDir::new().unwrap();
         copy_fixture_binhost(binhost.path());
-        let (url, cert, _nginx, _dir) = tls_nginx(binhost.path());
+        let (url, cert, _nginx, _dir) = support::tls_nginx(binhost.path(), "");
         let mnt = TempDir::new().unwrap();
         let cache = TempDir::new().unwrap();
 

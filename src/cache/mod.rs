@@ -10,6 +10,11 @@
 //! * `lock`: held with `flock` for the daemon's life; a second daemon on the same directory
 //!   refuses to start instead of corrupting the first one's accounting.
 //!
+//! The directory is private (created 0700; world access removed from an older one): it holds
+//! the saved index and the log. The daemon runs as root, so `objects/`, `partial/` and `index/`
+//! must be real directories, never symlinks: a planted `partial/` link would make start-up
+//! delete files wherever it points.
+//!
 //! Size is bounded by LRU eviction of entries nobody has open (pinned entries are skipped).
 //! The LRU order survives restarts through the files' mtimes, which are bumped on every hit.
 //! Start-up reads directory entries and metadata only, never cached bytes.
@@ -17,7 +22,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -41,6 +46,34 @@ pub enum StoreError {
     },
     #[error("cache directory {0} is in use by another binpkgfs (lock file held)")]
     Locked(PathBuf),
+    #[error("cache directory: {0} is a symlink; refusing to use it (make it a directory)")]
+    Symlink(PathBuf),
+}
+
+/// Creates `dir` (and its parents) mode 0700, or removes world access from an existing one.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o007 != 0 && meta.uid() == unsafe { libc::geteuid() } {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7770))?;
+    }
+    Ok(())
+}
+
+/// Creates the subdirectory `path` unless it is there, refusing a symlink.
+fn create_subdir(path: &Path) -> Result<(), StoreError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(StoreError::Symlink(path.to_path_buf())),
+        _ => fs::create_dir_all(path).map_err(|source| StoreError::Io {
+            dir: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 pub struct Store {
@@ -92,13 +125,15 @@ impl Store {
         };
         let objects = dir.join("objects");
         let partial = dir.join("partial");
-        for d in [dir, &objects, &partial, &dir.join("index")] {
-            fs::create_dir_all(d).map_err(err)?;
+        create_private_dir(dir).map_err(err)?;
+        for d in [&objects, &partial, &dir.join("index")] {
+            create_subdir(d)?;
         }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(dir.join("lock"))
             .map_err(err)?;
         // SAFETY: flock on a valid fd we own.
@@ -154,6 +189,7 @@ impl Store {
             _lock: lock,
         };
         store.evict();
+        store.forget_indexes_with_credentials();
         let usage = store.usage();
         info!(
             dir = %dir.display(),
@@ -263,10 +299,10 @@ impl Store {
     }
 
     /// Removes the least recently used unpinned entry, to make room on a full disk. `false`
-    /// when there is none.
+    /// when there is none. Called from the writer, on the blocking pool.
     pub fn evict_one(&self) -> bool {
-        let mut inner = self.inner.lock().unwrap();
-        match inner.pop_lru_unpinned() {
+        let key = self.inner.lock().unwrap().pop_lru_unpinned();
+        match key {
             Some(key) => {
                 warn!(%key, "cache disk full: evicting to make room");
                 let _ = fs::remove_file(self.object_path(&key));
@@ -276,21 +312,43 @@ impl Store {
         }
     }
 
-    /// Removes least recently used, unpinned entries until the total fits the limit. Files
-    /// are removed under the lock, so a concurrent commit or open of the same key can never
-    /// see (or lose) a half-evicted entry.
+    /// Removes least recently used, unpinned entries until the total fits the limit.
+    ///
+    /// The entries leave the accounting under the lock; their files are unlinked after it, on
+    /// the blocking pool when there is a runtime (a blob's last drop may run on a worker), so
+    /// no lock is held across disk I/O and no worker waits for a slow disk. That is safe
+    /// because an evicted key is unpinned: no transfer of it is running, so nothing can commit
+    /// it before the unlink; a new transfer of it starts only once `open_object` finds no
+    /// file, i.e. after the unlink. An open that races the unlink keeps a working descriptor
+    /// and re-enters the key; the next open then finds the file gone and forgets it again.
     pub fn evict(&self) {
-        let mut inner = self.inner.lock().unwrap();
-        while inner.total > self.limit {
-            let Some(key) = inner.pop_lru_unpinned() else {
-                break;
-            };
-            debug!(%key, "evicting");
-            if let Err(e) = fs::remove_file(self.object_path(&key))
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                warn!(%key, error = %e, "could not remove evicted cache entry");
+        let victims: Vec<PathBuf> = {
+            let mut inner = self.inner.lock().unwrap();
+            let mut victims = Vec::new();
+            while inner.total > self.limit {
+                let Some(key) = inner.pop_lru_unpinned() else {
+                    break;
+                };
+                debug!(%key, "evicting");
+                victims.push(self.object_path(&key));
             }
+            victims
+        };
+        if victims.is_empty() {
+            return;
+        }
+        let unlink = move || {
+            for path in victims {
+                if let Err(e) = fs::remove_file(&path)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    warn!(path = %path.display(), error = %e, "could not remove evicted cache entry");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(unlink)),
+            Err(_) => unlink(),
         }
     }
 
@@ -389,6 +447,25 @@ mod tests {
     }
 
     #[test]
+    fn symlinked_subdirectories_are_refused_and_their_targets_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        for sub in ["objects", "partial", "index"] {
+            let dir = tempfile::tempdir().unwrap();
+            let victim = tempfile::tempdir().unwrap();
+            fs::write(victim.path().join("precious"), b"x").unwrap();
+            std::os::unix::fs::symlink(victim.path(), dir.path().join(sub)).unwrap();
+            let e = Store::open(dir.path(), 1).err().expect(sub).to_string();
+            assert!(e.contains("is a symlink") && e.contains(sub), "{e}");
+            assert!(victim.path().join("precious").exists(), "{sub}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("new");
+        let _store = Store::open(&cache, 1).unwrap();
+        let mode = fs::metadata(&cache).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
     fn second_store_on_same_dir_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path(), 1).unwrap();
@@ -415,5 +492,22 @@ mod tests {
         assert_eq!(raw, b"TIMESTAMP: 1\n");
         assert_eq!(got, v);
         assert!(store.load_index("http://b/").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_saved_index_under_a_url_with_a_password_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaked = dir.path().join("index/0123456789abcdef");
+        fs::create_dir_all(&leaked).unwrap();
+        fs::write(leaked.join("validators"), "url: http://u:pw@h/x\netag: 1\n").unwrap();
+        let store = Store::open(dir.path(), 1).unwrap();
+        assert!(!leaked.exists());
+        let v = Validators::default();
+        store
+            .save_index("http://h/x", b"TIMESTAMP: 1\n", &v)
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 1).unwrap();
+        assert!(store.load_index("http://h/x").unwrap().is_some());
     }
 }

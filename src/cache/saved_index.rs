@@ -7,16 +7,40 @@ use std::path::{Path, PathBuf};
 
 use sha1::{Digest as _, Sha1};
 
+use tracing::info;
+
 use super::Store;
+use crate::credentials::BinhostUrl;
 use crate::index::Validators;
 
 impl Store {
+    /// Deletes saved indexes whose recorded URL carries userinfo: older versions keyed (and
+    /// labelled) them by the URL as given, password included. Now the key is the URL without
+    /// userinfo, so such a directory is never read again, and it must not keep the password.
+    pub(super) fn forget_indexes_with_credentials(&self) {
+        let Ok(dirs) = fs::read_dir(self.dir.join("index")) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let meta = fs::read_to_string(dir.path().join("validators")).unwrap_or_default();
+            let leaked = meta
+                .lines()
+                .filter_map(|l| l.strip_prefix("url: "))
+                .any(|url| BinhostUrl::parse(url).credentials().is_some());
+            if leaked && fs::remove_dir_all(dir.path()).is_ok() {
+                info!("removed a saved index an older binpkgfs kept under a URL with a password");
+            }
+        }
+    }
+
     fn index_dir(&self, url: &str) -> PathBuf {
         let h = hex::encode(Sha1::digest(url.as_bytes()));
         self.dir.join("index").join(&h[..16])
     }
 
-    /// The last good index saved for `url`, with its validators.
+    /// The last good index saved for `url`, with its validators. `url` is always the URL
+    /// without userinfo (see `BinhostUrl`): the index does not depend on who reads it, and no
+    /// password (nor a hash of one) reaches the disk.
     pub fn load_index(&self, url: &str) -> io::Result<Option<(Vec<u8>, Validators)>> {
         let dir = self.index_dir(url);
         let raw = match fs::read(dir.join("Packages")) {

@@ -75,10 +75,22 @@ impl Blob {
         match ready {
             Ok(State::Failed(reason)) => Err(self.error(&reason)),
             Ok(_) => {
-                let file = self.file.get().expect("set before any byte is published");
-                let mut buf = vec![0u8; (end - offset) as usize];
-                file.read_exact_at(&mut buf, offset)?;
-                Ok(buf)
+                let file = self
+                    .file
+                    .get()
+                    .expect("set before any byte is published")
+                    .clone();
+                let len = (end - offset) as usize;
+                // On the blocking pool: a slow cache disk must not hold a runtime worker, which
+                // every other reader and transfer needs.
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, offset).map(|()| buf)
+                });
+                match read.await {
+                    Ok(r) => Ok(r?),
+                    Err(e) => Err(self.error(&format!("cache read: {e}"))),
+                }
             }
             Err(_) => Err(self.error("transfer ended without a result")),
         }
@@ -119,7 +131,7 @@ impl Blob {
         if data.is_none() || sparse.held() >= PROMOTE_AFTER {
             // A whole-file reader, in whatever order (or a server without ranges): fetch it
             // all, verified. This read, if it has data, is still a ranged one.
-            self.promote()?;
+            self.promote_off_worker().await?;
         }
         if !self.is_sparse() && self.adopted.load(Ordering::Acquire) < end {
             // Promoted meanwhile (by this read or another): bytes past the adopted prefix must
@@ -177,6 +189,19 @@ impl Blob {
         Ok(())
     }
 
+    /// `promote` from async code: creating the partial file is disk I/O, kept off the
+    /// runtime's workers.
+    async fn promote_off_worker(self: &Arc<Self>) -> Result<(), FsError> {
+        if self.tx.lock().unwrap().is_none() {
+            return Ok(());
+        }
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.promote()).await {
+            Ok(r) => r,
+            Err(e) => Err(self.error(&format!("starting the transfer: {e}"))),
+        }
+    }
+
     pub(super) fn error(&self, reason: &str) -> FsError {
         FsError::Fetch {
             path: self.pkg.path.to_string(),
@@ -186,7 +211,7 @@ impl Blob {
 
     /// Fetches the whole file if that has not started, and waits until it is verified.
     pub async fn wait_complete(self: &Arc<Self>) -> Result<(), FsError> {
-        self.promote()?;
+        self.promote_off_worker().await?;
         let mut rx = self.state.clone();
         let done = rx
             .wait_for(|s| matches!(s, State::Complete | State::Failed(_)))

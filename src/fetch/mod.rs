@@ -22,6 +22,8 @@
 //! `sparse` (ranged reads of a package nobody reads whole).
 
 mod blob;
+#[cfg(test)]
+mod blocking_tests;
 mod checks;
 mod segment;
 mod sparse;
@@ -200,19 +202,28 @@ impl Fetcher {
     /// Fetches `pkg` whole into the cache (or finds it there), sharing a transfer a reader may
     /// already have started. For prefetching: `Ok` once the file is verified and readable.
     pub async fn fetch_whole(self: &Arc<Self>, pkg: &Package) -> Result<(), FsError> {
-        let blob = self.open(pkg)?;
+        // `open` touches the cache disk: not on a runtime worker.
+        let (me, p) = (self.clone(), pkg.clone());
+        let blob = tokio::task::spawn_blocking(move || me.open(&p))
+            .await
+            .map_err(|e| FsError::Fetch {
+                path: pkg.path.to_string(),
+                reason: format!("open: {e}"),
+            })??;
         blob.wait_complete().await
     }
 
     /// The bytes of `pkg`: from the cache, from a blob other handles already share, or a new
     /// one: sparse for a large file, else with its whole transfer started on the current tokio
     /// runtime.
+    ///
+    /// The registry lock is never held across disk I/O (a slow cache disk must not stall every
+    /// other open): the cache is looked up and a sparse side file created without it, and the
+    /// registry is checked again before a new blob is entered. An opener that lost that race
+    /// uses the winner's blob (its unused side file is removed as it is dropped).
     pub fn open(self: &Arc<Self>, pkg: &Package) -> Result<Arc<Blob>, FsError> {
         let key = pkg.cache_key();
-        let mut active = self.active.lock().unwrap();
-        if let Some(blob) = active.get(&key).and_then(Weak::upgrade)
-            && !blob.failed()
-        {
+        if let Some(blob) = self.shared(&key) {
             return Ok(blob);
         }
         if let Some(file) = self.store.open_object(&key, pkg.size)? {
@@ -222,14 +233,20 @@ impl Fetcher {
             let _ = blob.file.set(Arc::new(file));
             return Ok(blob);
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let (tx, state) = watch::channel(State::Sparse);
         let sparse = if pkg.size > WHOLE_BELOW {
             let (path, file) = self.store.new_partial(&key)?;
             Some(Sparse::new(file, path))
         } else {
             None
         };
+        let mut active = self.active.lock().unwrap();
+        if let Some(blob) = active.get(&key).and_then(Weak::upgrade)
+            && !blob.failed()
+        {
+            return Ok(blob);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let (tx, state) = watch::channel(State::Sparse);
         let is_sparse = sparse.is_some();
         let blob = self.blob(key.clone(), pkg, Some(tx), state, sparse);
         active.retain(|_, b| b.strong_count() > 0);
@@ -245,6 +262,15 @@ impl Fetcher {
             blob.promote()?;
         }
         Ok(blob)
+    }
+
+    /// The blob other handles of `key` already share, if it has not failed.
+    fn shared(&self, key: &CacheKey) -> Option<Arc<Blob>> {
+        let active = self.active.lock().unwrap();
+        active
+            .get(key)
+            .and_then(Weak::upgrade)
+            .filter(|b| !b.failed())
     }
 
     fn blob(

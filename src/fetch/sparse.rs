@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Fetcher, write_making_room};
@@ -23,7 +24,7 @@ use crate::index::Package;
 pub const BLOCK: u64 = 64 * 1024;
 
 pub struct Sparse {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     /// Blocks on disk. The async mutex also serialises this file's range requests, so two
     /// readers of the same header never fetch it twice.
@@ -36,7 +37,7 @@ pub struct Sparse {
 impl Sparse {
     pub fn new(file: File, path: PathBuf) -> Sparse {
         Sparse {
-            file,
+            file: Arc::new(file),
             path,
             blocks: tokio::sync::Mutex::new(BTreeSet::new()),
             prefix: AtomicU64::new(0),
@@ -62,7 +63,12 @@ impl Sparse {
                 let Some(data) = fetcher.read_range(pkg, from, len).await? else {
                     return Ok(None);
                 };
-                write_making_room(&self.file, &data, from, fetcher.store())?;
+                // Disk I/O on the blocking pool; the async lock only orders this file's
+                // readers, it holds no runtime worker.
+                let (file, store) = (self.file.clone(), fetcher.store().clone());
+                tokio::task::spawn_blocking(move || write_making_room(&file, &data, from, &store))
+                    .await
+                    .map_err(|e| format!("writing sparse cache file: {e}"))??;
                 blocks.extend(a..=b);
                 let contiguous = blocks.iter().zip(0..).take_while(|(b, i)| *b == i).count();
                 self.prefix
@@ -71,11 +77,17 @@ impl Sparse {
                     .store(blocks.len() as u64 * BLOCK, Ordering::Relaxed);
             }
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|e| format!("reading sparse cache file: {e}"))?;
-        Ok(Some(buf))
+        let file = self.file.clone();
+        let len = (end - offset) as usize;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, offset).map(|()| buf)
+        });
+        match read.await {
+            Ok(Ok(buf)) => Ok(Some(buf)),
+            Ok(Err(e)) => Err(format!("reading sparse cache file: {e}")),
+            Err(e) => Err(format!("reading sparse cache file: {e}")),
+        }
     }
 
     /// How many bytes of the file are held, in any order: a reader that pulled this much is
@@ -96,6 +108,14 @@ impl Sparse {
 
 impl Drop for Sparse {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // A blob's last drop may run on a runtime worker: unlink on the blocking pool.
+        let path = std::mem::take(&mut self.path);
+        let unlink = move || {
+            let _ = std::fs::remove_file(&path);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(unlink)),
+            Err(_) => unlink(),
+        }
     }
 }

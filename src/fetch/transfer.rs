@@ -75,7 +75,8 @@ impl Fetcher {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(path = %pkg.path, secs = format!("{secs:.2}"), "download failed: {reason}");
                 tx.send_replace(State::Failed(reason.into()));
-                let _ = std::fs::remove_file(&partial);
+                // Disk I/O: on the blocking pool, not a runtime worker.
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(&partial)).await;
             }
         }
     }

@@ -122,10 +122,9 @@ impl Endpoint {
             return;
         };
         let opts = self.opts.clone().unwrap_or(RemoteOptions {
-            connect_timeout: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(30),
-            proxy: None,
-            ssh: Default::default(),
+            connect_timeout: std::time::Duration::from_secs(10),
+            stall_timeout: std::time::Duration::from_secs(30),
+            ..RemoteOptions::default()
         });
         match connect(uri, &opts) {
             Ok(t) => {

@@ -207,8 +207,7 @@ mod tests {
         let opts = RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_millis(300),
-            ssh: Default::default(),
-            proxy: None,
+            ..RemoteOptions::default()
         };
         let t = LocalDir::new(d.path().to_path_buf(), &opts);
         (d, t)

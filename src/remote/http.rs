@@ -1,4 +1,10 @@
-//! HTTP(S) binhosts, through reqwest with rustls and the system's CA store.
+//! HTTP(S) binhosts, through reqwest with rustls and the system's CA store (plus `--ca-file`).
+//!
+//! The base URL never carries userinfo: credentials come separately and are sent as Basic auth
+//! on each request, so no URL in an error message holds a password. reqwest drops the
+//! `Authorization` header on a redirect to another host, port or scheme, and an https binhost
+//! is never followed to plain http: that would hand the index, and so the trust in every
+//! digest, to whoever sits on the path.
 //!
 //! Status codes are classified here, not in the fetcher: 5xx and 429 are retryable, 404 and
 //! 410 say the file is not there, 416 says the server's file is shorter than asked for, any
@@ -11,20 +17,62 @@ use super::{
     Body, Chunks, ErrorKind, IndexFetch, RemoteOptions, Transport, TransportError, Validators,
     chain, content_range, packages_gz,
 };
+use crate::credentials::Credentials;
 use crate::index::MAX_INDEX_BYTES;
+
+/// How many redirects one request may follow.
+const MAX_REDIRECTS: usize = 8;
 
 pub struct Http {
     base: Url,
     client: reqwest::Client,
+    credentials: Option<Credentials>,
+}
+
+/// Follows up to `MAX_REDIRECTS` redirects, never from https to http.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() == "http"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            let to = attempt.url().to_string();
+            attempt.error(format!(
+                "refusing to follow a redirect from https to plain http ({to})"
+            ))
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// The CA certificates of a PEM file, to trust on top of the system's.
+fn ca_certificates(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, TransportError> {
+    let what = |e: &dyn std::fmt::Display| {
+        TransportError::fatal(format!("CA file {}: {e}", path.display()))
+    };
+    let pem = std::fs::read(path).map_err(|e| what(&e))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| what(&chain(&e)))?;
+    if certs.is_empty() {
+        return Err(what(&"no PEM certificate in it"));
+    }
+    Ok(certs)
 }
 
 impl Http {
     pub fn new(mut base: Url, opts: &RemoteOptions) -> Result<Http, TransportError> {
+        // Userinfo is never part of a URL we keep (config strips it); drop any left, to be sure.
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("binpkgfs/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.stall_timeout)
-            .redirect(reqwest::redirect::Policy::limited(8));
+            .redirect(redirect_policy());
+        if let Some(ca) = &opts.ca_file {
+            builder = builder.tls_certs_merge(ca_certificates(ca)?);
+        }
         // A proxy given here replaces the environment's (reqwest reads http_proxy,
         // https_proxy and no_proxy only when none is set).
         if let Some(p) = &opts.proxy {
@@ -38,7 +86,27 @@ impl Http {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        Ok(Http { base, client })
+        // Only for the origin they were given for (not for a `URI` header's server).
+        let origin = base.origin().ascii_serialization();
+        let credentials = opts
+            .credentials
+            .iter()
+            .find(|c| c.origin == origin)
+            .cloned();
+        Ok(Http {
+            base,
+            client,
+            credentials,
+        })
+    }
+
+    /// A GET of `url`, with the binhost's credentials if it has any.
+    fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+        let req = self.client.get(url.clone());
+        match &self.credentials {
+            Some(c) => req.basic_auth(&c.user, c.password.as_ref()),
+            None => req,
+        }
     }
 
     fn url(&self, path: &str) -> Url {
@@ -53,10 +121,13 @@ impl Http {
     }
 }
 
-/// A reqwest failure: offline if the connection could not be made, else retryable.
+/// A reqwest failure: offline if the connection could not be made, fatal for a redirect we
+/// refused (asking again is refused again), else retryable.
 fn request_error(url: &Url, e: &reqwest::Error) -> TransportError {
     let kind = if e.is_connect() {
         ErrorKind::Offline
+    } else if e.is_redirect() {
+        ErrorKind::Fatal
     } else {
         ErrorKind::Retryable
     };
@@ -115,7 +186,7 @@ impl Http {
         since: Option<&Validators>,
     ) -> Result<IndexFetch, TransportError> {
         let url = self.url(name);
-        let mut req = self.client.get(url.clone());
+        let mut req = self.get(&url);
         if let Some(v) = since {
             if let Some(etag) = &v.etag {
                 req = req.header(header::IF_NONE_MATCH, etag);
@@ -169,7 +240,7 @@ impl Transport for Http {
 
     async fn open(&self, path: &str, from: u64, to: Option<u64>) -> Result<Body, TransportError> {
         let url = self.url(path);
-        let mut req = self.client.get(url.clone());
+        let mut req = self.get(&url);
         let last = to.map(|t| t.saturating_sub(1).to_string());
         if from > 0 || last.is_some() {
             let last = last.as_deref().unwrap_or("");
@@ -210,8 +281,7 @@ impl Transport for Http {
         let url = self.url(path);
         let last = from + len - 1;
         let mut resp = self
-            .client
-            .get(url.clone())
+            .get(&url)
             .header(header::RANGE, format!("bytes={from}-{last}"))
             .send()
             .await
@@ -255,8 +325,7 @@ mod tests {
         let opts = RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
-            ssh: Default::default(),
-            proxy: None,
+            ..RemoteOptions::default()
         };
         let h = Http::new(Url::parse("https://h/amd64").unwrap(), &opts).unwrap();
         assert_eq!(
@@ -267,6 +336,28 @@ mod tests {
             h.url("a/b#c?d.tbz2").as_str(),
             "https://h/amd64/a/b%23c%3Fd.tbz2"
         );
+    }
+
+    #[test]
+    fn credentials_go_only_to_their_own_origin() {
+        let opts = RemoteOptions {
+            credentials: vec![Credentials {
+                user: "u".into(),
+                password: Some("p".into()),
+                origin: "https://h".into(),
+            }],
+            ..RemoteOptions::default()
+        };
+        let own = Http::new(Url::parse("https://h/amd64").unwrap(), &opts).unwrap();
+        assert!(own.credentials.is_some());
+        for other in [
+            "https://cdn.example/x",
+            "http://h/amd64",
+            "https://h:444/amd64",
+        ] {
+            let h = Http::new(Url::parse(other).unwrap(), &opts).unwrap();
+            assert!(h.credentials.is_none(), "{other}");
+        }
     }
 
     #[test]

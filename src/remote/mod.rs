@@ -22,9 +22,12 @@ mod mirrors;
 mod packages_gz;
 mod ssh;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::credentials::Credentials;
 
 pub use crate::index::Validators;
 pub use endpoint::Endpoint;
@@ -77,7 +80,7 @@ pub enum IndexFetch {
 }
 
 /// Settings for transports, from the validated config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// A transfer that delivers nothing for this long is cut.
@@ -87,6 +90,11 @@ pub struct RemoteOptions {
     /// An HTTP(S) proxy for every request; `None`: the environment's (`http_proxy`,
     /// `https_proxy`, `no_proxy`), as reqwest reads them.
     pub proxy: Option<String>,
+    /// HTTP Basic auth, kept apart from the URL so that no URL shown anywhere carries it.
+    /// Each for the one origin it was given for.
+    pub credentials: Vec<Credentials>,
+    /// Extra CA certificates (PEM) for https, on top of the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A binhost as the fetcher and the refresher see it.
@@ -282,8 +290,7 @@ mod tests {
         RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
-            ssh: SshOptions::default(),
-            proxy: None,
+            ..RemoteOptions::default()
         }
     }
 

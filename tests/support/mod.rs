@@ -446,20 +446,21 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx serving `root` and returns once its port answers.
     pub fn start(root: &Path) -> Nginx {
-        Nginx::start_with(root, None)
+        Nginx::start_with(root, "")
     }
 
     /// Like `start`, with each connection capped at `rate` (nginx `limit_rate`, e.g. `8m`).
     pub fn start_limited(root: &Path, rate: &str) -> Nginx {
-        Nginx::start_with(root, Some(rate))
+        Nginx::start_with(root, &format!("limit_rate {rate};"))
     }
 
-    fn start_with(root: &Path, rate: Option<&str>) -> Nginx {
+    /// Like `start`, with more `http`-level directives (`auth_basic`, ...).
+    pub fn start_with(root: &Path, directives: &str) -> Nginx {
         // A free port can be taken by someone else before nginx binds it:
         // retry with another one.
         let mut last_error = String::new();
         for _ in 0..5 {
-            match Nginx::try_start(root, rate) {
+            match Nginx::try_start(root, directives) {
                 Ok(nginx) => return nginx,
                 Err(err) => last_error = err,
             }
@@ -467,11 +468,11 @@ impl Nginx {
         panic!("nginx did not start: {last_error}");
     }
 
-    fn try_start(root: &Path, rate: Option<&str>) -> Result<Nginx, String> {
+    fn try_start(root: &Path, directives: &str) -> Result<Nginx, String> {
         let dir = TempDir::with_prefix("binpkgfs-nginx.").expect("nginx temp dir");
         let port = free_port();
         let conf = dir.path().join("nginx.conf");
-        fs::write(&conf, nginx_conf(dir.path(), root, port, rate)).expect("write nginx.conf");
+        fs::write(&conf, nginx_conf(dir.path(), root, port, directives)).expect("write nginx.conf");
         let child = Command::new(NGINX)
             .arg("-c")
             .arg(&conf)
@@ -629,10 +630,9 @@ fn free_port() -> u16 {
 
 /// A single-process nginx (`master_process off`, so one kill stops it all)
 /// that keeps every file it writes in `dir`.
-fn nginx_conf(dir: &Path, root: &Path, port: u16, rate: Option<&str>) -> String {
+fn nginx_conf(dir: &Path, root: &Path, port: u16, limit: &str) -> String {
     let dir = dir.display();
     let root = root.display();
-    let limit = rate.map_or(String::new(), |r| format!("limit_rate {r};"));
     format!(
         r#"user root;
 daemon off;
@@ -667,6 +667,114 @@ http {{
 }}
 "#
     )
+}
+
+// ---------------------------------------------------------------------------
+// nginx over TLS
+// ---------------------------------------------------------------------------
+
+/// Kills the TLS nginx however the test ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real nginx serving the fixture over HTTPS with a certificate for 127.0.0.1 that no system
+/// store trusts, with more `server` directives. Returns (url, the CA's PEM, the nginx guard,
+/// its temp dir).
+pub fn tls_nginx(root: &Path, directives: &str) -> (String, PathBuf, Killed, TempDir) {
+    let dir = TempDir::with_prefix("binpkgfs-tls.").unwrap();
+    // A throwaway CA and a server certificate for 127.0.0.1 signed by it.
+    let p = |name: &str| dir.path().join(name);
+    let (key, cert, ca) = (p("key.pem"), p("cert.pem"), p("ca.pem"));
+    fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        run_ok(Command::new("openssl").current_dir(dir.path()).args(args));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=binpkgfs test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off; master_process off; user root; error_log {d}/error.log; pid {d}/nginx.pid;\n\
+         events {{}}\n\
+         http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n\
+           fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+           server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+             root {}; {directives} }} }}\n",
+        cert.display(),
+        key.display(),
+        root.display()
+    );
+    fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let child = Killed(
+        Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(dir.path())
+            .spawn()
+            .unwrap(),
+    );
+    let up = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "TLS nginx did not start");
+    (format!("https://127.0.0.1:{port}"), ca, child, dir)
 }
 
 // ---------------------------------------------------------------------------

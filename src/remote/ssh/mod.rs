@@ -69,7 +69,7 @@ const SERVER_ALIVE: Duration = Duration::from_secs(15);
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 /// SSH settings of a mount, from the validated config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SshOptions {
     /// `-i FILE` (and `IdentitiesOnly=yes`).
     pub identity: Option<PathBuf>,
