@@ -63,7 +63,13 @@ fn pages_of_a_failed_transfer_are_not_kept_for_the_next_good_one() {
     rig.server.set_fault(SMALL, Fault::Lie);
     let a = k.lookup(&rig, SMALL).unwrap();
     let d = k.open(&rig, a.ino).unwrap();
-    assert!(k.read_page(&rig, a.ino, &d, 0).is_ok(), "early bytes come");
+    let early = k.read_page(&rig, a.ino, &d, 0);
+    if let Err(e) = early {
+        // The whole small file can be in (and failed) before this read on a fast machine:
+        // then no unchecked page was ever served, and there is nothing to keep out.
+        assert!(matches!(e, FsError::Fetch { .. }), "{e:?}");
+        return;
+    }
     let err = k.read_all(&rig, a.ino, &d, a.size).unwrap_err();
     assert!(matches!(err, FsError::Fetch { .. }), "{err:?}");
     rig.vfs.release(d.fh);
