@@ -398,6 +398,8 @@ impl MountConfig {
         let netrc = a.netrc_file.or(netrc_file);
         let mut credentials = Vec::new();
         for (i, b) in binhosts.iter_mut().enumerate() {
+            // A command-line binhost is named by its URL: shown, so never with userinfo.
+            b.name = BinhostUrl::parse(&b.name).as_str().to_string();
             for (j, m) in b.mirrors.iter_mut().enumerate() {
                 let mut parsed = BinhostUrl::parse(m);
                 let http = m.starts_with("http://") || m.starts_with("https://");
