@@ -69,14 +69,23 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1
 mount_it() { "$bin" mount --no-prefetch --cache-dir "$work/cache" "$@" "$url" "$work/mnt"; }
 umount_it() { umount "$work/mnt"; while pgrep -f "binpkgfs mount.*$work/mnt" >/dev/null; do sleep 0.05; done; }
 
-curl_t=() cold_t=() one_t=() warm_t=() local_t=()
+# What Portage's own client does per package: download to a file, then check MD5 and SHA1.
+portage_client() { curl -s -o "$work/dl" "$url/$pkg" && md5sum "$work/dl" && sha1sum "$work/dl"; }
+
+curl_t=() cold_t=() one_t=() warm_t=() local_t=() client_t=() all_t=()
 cat "$file" >/dev/null
 for r in $(seq "$reps"); do
 	echo "read-256: round $r/$reps" >&2
 	curl_t+=("$(secs curl -s -o /dev/null "$url/$pkg")")
+	client_t+=("$(secs portage_client)")
+	rm -f "$work/dl"
 	rm -rf "$work/cache"
 	mount_it
 	cold_t+=("$(secs cat "$work/mnt/$pkg")")
+	umount_it
+	rm -rf "$work/cache"
+	mount_it -o verify=all
+	all_t+=("$(secs cat "$work/mnt/$pkg")")
 	umount_it
 	rm -rf "$work/cache"
 	mount_it -o streams=1
@@ -89,6 +98,7 @@ for r in $(seq "$reps"); do
 	local_t+=("$(secs cat "$file")")
 done
 
+p=$(median "${client_t[@]}") a=$(median "${all_t[@]}")
 c=$(median "${curl_t[@]}") k=$(median "${cold_t[@]}") o=$(median "${one_t[@]}") w=$(median "${warm_t[@]}") l=$(median "${local_t[@]}")
 mib=$size_mib
 printf '\nbinpkgfs sequential read of a %s MiB package, loopback nginx%s, median of %s, %s CPUs\n' \
@@ -97,11 +107,18 @@ printf '%-34s %9s %10s   %-28s %9s %10s   %s\n' case s MiB/s baseline s MiB/s ra
 printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx (target >= 0.9x)\n' \
 	"cold: cat through the mount" "$k" "$(echo "$mib / $k" | bc -l)" \
 	"curl -o /dev/null" "$c" "$(echo "$mib / $c" | bc -l)" "$(echo "$c / $k" | bc -l)"
+printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx (target >= 1.0x)\n' \
+	"cold (SIZE + strongest digest)" "$k" "$(echo "$mib / $k" | bc -l)" \
+	"curl -o F; md5sum F; sha1sum F" "$p" "$(echo "$mib / $p" | bc -l)" "$(echo "$p / $k" | bc -l)"
+printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx\n' \
+	"cold, -o verify=all" "$a" "$(echo "$mib / $a" | bc -l)" \
+	"curl -o F; md5sum F; sha1sum F" "$p" "$(echo "$mib / $p" | bc -l)" "$(echo "$p / $a" | bc -l)"
 printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx\n' \
 	"cold, -o streams=1" "$o" "$(echo "$mib / $o" | bc -l)" \
 	"curl -o /dev/null" "$c" "$(echo "$mib / $c" | bc -l)" "$(echo "$c / $o" | bc -l)"
 printf '%-34s %9.3f %10.0f   %-28s %9.3f %10.0f   %.2fx (target >= 0.9x)\n' \
 	"warm: cat after remount" "$w" "$(echo "$mib / $w" | bc -l)" \
 	"cat of a local copy" "$l" "$(echo "$mib / $l" | bc -l)" "$(echo "$l / $w" | bc -l)"
+printf 'portage client %s | verify=all %s\n' "${client_t[*]}" "${all_t[*]}"
 printf 'all runs (s): curl %s | cold %s | cold, one stream %s | warm %s | local %s\n' \
 	"${curl_t[*]}" "${cold_t[*]}" "${one_t[*]}" "${warm_t[*]}" "${local_t[*]}"
