@@ -66,8 +66,14 @@ url=http://127.0.0.1:$port
 
 secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-mount_it() { "$bin" mount --no-prefetch --cache-dir "$work/cache" "$@" "$url" "$work/mnt"; }
-umount_it() { umount "$work/mnt"; while pgrep -f "binpkgfs mount.*$work/mnt" >/dev/null; do sleep 0.05; done; }
+mount_it() { "$bin" mount --no-prefetch --cache-dir "$work/cache" --pid-file "$work/pid" "$@" "$url" "$work/mnt"; }
+# The daemon's argv names no mount point (its config comes on stdin): wait for its pid.
+umount_it() {
+	local pid
+	pid=$(cat "$work/pid")
+	umount "$work/mnt"
+	while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+}
 
 # What Portage's own client does per package: download to a file, then check MD5 and SHA1.
 portage_client() { curl -s -o "$work/dl" "$url/$pkg" && md5sum "$work/dl" && sha1sum "$work/dl"; }
