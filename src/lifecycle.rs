@@ -193,30 +193,13 @@ impl Lifecycle {
             },
         };
         remote.follow_uri(index.uri.as_deref());
-        let published = Published {
-            upstream: Upstream::new(index),
-            previous: VecDeque::new(),
-            hold: None,
-        };
-        let ns = published.namespace(&[]);
+        let life = Lifecycle::with_index(remote, store, url, index, result.clone(), validators);
         info!(
-            url,
-            packages = ns.index.packages.len(),
+            url = life.url,
+            packages = life.ns.current().index.packages.len(),
             "index loaded ({result})"
         );
-        Ok(Lifecycle {
-            remote,
-            store,
-            url,
-            ns: Arc::new(Snapshot::new(ns)),
-            last: Mutex::new(RefreshState {
-                at: SystemTime::now(),
-                result,
-                validators,
-            }),
-            published: Mutex::new(published),
-            swept: Default::default(),
-        })
+        Ok(life)
     }
 
     /// A lifecycle around an index it did not fetch itself (a merged mount's binhosts, the
