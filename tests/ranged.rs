@@ -98,6 +98,58 @@ both_modes! {
     }
 }
 
+/// The bounded range under 1 MiB `line` asked for (a ranged read of a sparse file), if any.
+fn small_range(line: &support::LogLine) -> Option<(u64, u64)> {
+    let (a, b) = line
+        .range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .split_once('-')?;
+    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    (b - a < 1 << 20).then_some((a, b))
+}
+
+both_modes! {
+    fn a_reader_from_offset_0_starts_the_whole_transfer_after_two_ranged_requests(mode) {
+        // `cat`'s pattern (and Portage's digest pass): 128 KiB reads in order from offset 0 of
+        // an uncached large file. The head comes in one ranged request (384 KiB, what a metadata
+        // scan reads there), the next block in a second, and the read after that starts the
+        // whole transfer: not one round trip per kernel read until 1 MiB is there (9 before).
+        let binhost = big_binhost();
+        let nginx = Nginx::start(&binhost);
+        let cache = TempDir::new().unwrap();
+        let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();
+        let want = fs::read(binhost.join(BIG)).unwrap();
+        let mut f = fs::File::open(mount.path().join(BIG)).unwrap();
+        let mut got = Vec::with_capacity(want.len());
+        let mut buf = vec![0u8; 128 << 10];
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got == want, "bytes differ from the binhost's file");
+        let uri = format!("/{BIG}");
+        nginx.wait_for_requests(1, Duration::from_secs(10), |l| {
+            l.uri == uri && l.status == 206 && small_range(l).is_none()
+        });
+        nginx.sync_log();
+        let requests: Vec<_> = nginx.requests().into_iter().filter(|l| l.uri == uri).collect();
+        for l in &requests { eprintln!("REQ {:?} {} {}", l.range, l.status, l.bytes_sent); }
+        let small: Vec<_> = requests.iter().filter_map(small_range).collect();
+        assert_eq!(
+            small,
+            [(0, (384 << 10) - 1), (384 << 10, (512 << 10) - 1)],
+            "ranged reads: {requests:?}"
+        );
+        let n = want.len() as u64;
+        let sent = bytes_sent_for(&nginx, &uri);
+        assert!(sent <= n + n / 16, "{sent} bytes sent for a {n}-byte file");
+    }
+}
+
 both_modes! {
     fn reindex_scan_fetches_a_few_percent_and_install_fetches_about_once(mode) {
         let binhost = big_binhost();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tokio::sync::watch;
 use tracing::warn;
 
+use super::sparse::Ranged;
 use super::{Fetcher, PROMOTE_AFTER, Sparse};
 use crate::cache::Store;
 use crate::error::FsError;
@@ -118,7 +119,12 @@ impl Blob {
             self.tail_served.store(true, Ordering::Release);
         }
         let data = match sparse.read(&fetcher, &self.pkg, (offset, end)).await {
-            Ok(data) => data,
+            Ok(Ranged::Data(data)) => Some(data),
+            // A whole-file reader (in order, or in any order once it holds `PROMOTE_AFTER`),
+            // or a server without ranges: fetch it all, verified.
+            Ok(Ranged::NoRanges | Ranged::Sequential) => None,
+            // Another read started the whole transfer while this one waited.
+            Ok(Ranged::Closed) => return Ok(None),
             Err(reason) => {
                 let mut last = self.last_warning.lock().unwrap();
                 if last.as_deref() != Some(reason.as_str()) {
@@ -129,8 +135,7 @@ impl Blob {
             }
         };
         if data.is_none() || sparse.held() >= PROMOTE_AFTER {
-            // A whole-file reader, in whatever order (or a server without ranges): fetch it
-            // all, verified. This read, if it has data, is still a ranged one.
+            // This read, if it has data, is still a ranged one.
             self.promote_off_worker().await?;
         }
         if !self.is_sparse() && self.adopted.load(Ordering::Acquire) < end {
@@ -175,6 +180,7 @@ impl Blob {
         let file = Arc::new(file);
         let _ = self.file.set(file.clone());
         if let Some(sparse) = &self.sparse {
+            sparse.close();
             self.adopted.store(sparse.prefix_len(), Ordering::Release);
             // Lingering is for ranged blocks; a promoted blob must not keep its cache entry
             // pinned (and unevictable) after its readers are gone.

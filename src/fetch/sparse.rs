@@ -6,6 +6,17 @@
 //! with one HTTP `Range` request into a sparse side file, and later reads of the same blocks are
 //! served from there. `Sparse` remembers which blocks it holds for as long as the file is open.
 //!
+//! A read near the start fetches the first `HEAD` bytes in one request: that is what a
+//! metadata scan reads there (Python's tar reader asks for 128 KiB, the kernel reads ahead to
+//! 384 KiB), in one round trip instead of three. A read that goes on in order from a gap-free
+//! prefix of at least `SEQUENTIAL_FROM` bytes is a whole reader (`cat`, Portage's digest pass):
+//! `read` answers `Ranged::Sequential` instead of fetching, and the blob starts the whole
+//! transfer, which adopts the prefix. So a sequential reader costs two ranged round trips before
+//! its stream, not one per kernel read until 1 MiB. `SEQUENTIAL_FROM` keeps one block of margin
+//! over the scan's readahead; a scan that reads on in order past it is fetched whole. Once a
+//! whole transfer has taken over (`close`), no read here fetches again: reads queued behind the
+//! lock are answered by the stream.
+//!
 //! These bytes are not verified (nothing can be until the whole file is there), so they never
 //! become a cache entry and are never mixed into the whole file's verified stream except as the
 //! prefix a promoted transfer adopts — and that prefix is then covered by the digest check,
@@ -16,12 +27,30 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{Fetcher, write_making_room};
 use crate::index::Package;
 
 pub const BLOCK: u64 = 64 * 1024;
+/// A read starting below this fetches at least up to it (a whole number of blocks).
+pub const HEAD: u64 = 6 * BLOCK;
+/// A read in order from a gap-free prefix at least this long is a whole reader's.
+pub const SEQUENTIAL_FROM: u64 = 8 * BLOCK;
+
+/// What a ranged read found.
+#[derive(Debug)]
+pub enum Ranged {
+    /// The bytes asked for (unverified).
+    Data(Vec<u8>),
+    /// The server does not serve ranges.
+    NoRanges,
+    /// The read goes on in order from a long gap-free prefix: a whole reader, to be served by
+    /// the whole transfer (nothing was fetched).
+    Sequential,
+    /// A whole transfer took over while this read waited (nothing was fetched).
+    Closed,
+}
 
 pub struct Sparse {
     file: Arc<File>,
@@ -32,6 +61,8 @@ pub struct Sparse {
     /// Bytes from offset 0 covered without a gap: what a promoted transfer can adopt.
     prefix: AtomicU64,
     held: AtomicU64,
+    /// Set when a whole transfer takes over; checked under `blocks`.
+    closed: AtomicBool,
 }
 
 impl Sparse {
@@ -42,26 +73,37 @@ impl Sparse {
             blocks: tokio::sync::Mutex::new(BTreeSet::new()),
             prefix: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
     /// Bytes `offset..end` of `pkg`, fetching the blocks that are missing (one request, with
-    /// the fetcher's breaker and retries). `Ok(None)` when the server does not serve ranges.
+    /// the fetcher's breaker and retries), or what to do instead (see `Ranged`).
     pub async fn read(
         &self,
         fetcher: &Fetcher,
         pkg: &Package,
         (offset, end): (u64, u64),
-    ) -> Result<Option<Vec<u8>>, String> {
-        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+    ) -> Result<Ranged, String> {
         {
             let mut blocks = self.blocks.lock().await;
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(Ranged::Closed);
+            }
+            let prefix = self.prefix_len();
+            if offset >= SEQUENTIAL_FROM && offset <= prefix && end > prefix {
+                self.close();
+                return Ok(Ranged::Sequential);
+            }
+            let want = if offset < HEAD { end.max(HEAD) } else { end };
+            let (first, last) = (offset / BLOCK, (want.min(pkg.size) - 1) / BLOCK);
             let missing: Vec<u64> = (first..=last).filter(|b| !blocks.contains(b)).collect();
             if let (Some(&a), Some(&b)) = (missing.first(), missing.last()) {
                 let from = a * BLOCK;
                 let len = ((b + 1) * BLOCK).min(pkg.size) - from;
                 let Some(data) = fetcher.read_range(pkg, from, len).await? else {
-                    return Ok(None);
+                    self.close();
+                    return Ok(Ranged::NoRanges);
                 };
                 // Disk I/O on the blocking pool; the async lock only orders this file's
                 // readers, it holds no runtime worker.
@@ -84,10 +126,15 @@ impl Sparse {
             file.read_exact_at(&mut buf, offset).map(|()| buf)
         });
         match read.await {
-            Ok(Ok(buf)) => Ok(Some(buf)),
+            Ok(Ok(buf)) => Ok(Ranged::Data(buf)),
             Ok(Err(e)) => Err(format!("reading sparse cache file: {e}")),
             Err(e) => Err(format!("reading sparse cache file: {e}")),
         }
+    }
+
+    /// No read fetches from now on: a whole transfer serves them.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
     }
 
     /// How many bytes of the file are held, in any order: a reader that pulled this much is

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tempfile::TempDir;
 
@@ -310,7 +310,7 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 
 /// Polls `done` every 50 ms until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     loop {
         if done() {
             return true;
@@ -1173,18 +1173,30 @@ impl Mount {
     }
 
     /// `umount MNT`, then waits until the daemon has exited.
+    /// Unmounts and waits for the daemon to exit. A mount still "busy" just after the test
+    /// closed its last file (the kernel drops the last reference of a closed file
+    /// asynchronously, more so on a loaded machine) is tried again for a few seconds; busy
+    /// beyond that is a failure.
     pub fn unmount(&mut self) -> Result<(), String> {
-        let output = Command::new("umount")
-            .arg(self.path())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|err| format!("run umount: {err}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "umount {} failed: {}",
-                self.path().display(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let output = Command::new("umount")
+                .arg(self.path())
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|err| format!("run umount: {err}"))?;
+            if output.status.success() {
+                break;
+            }
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if !stderr.contains("busy") || Instant::now() >= deadline {
+                return Err(format!(
+                    "umount {} failed: {}",
+                    self.path().display(),
+                    stderr.trim()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         self.wait_for_exit(EXIT_TIMEOUT)
     }
