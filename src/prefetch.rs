@@ -4,12 +4,13 @@
 //! * `mergelist` (in the daemon): watches emerge's `mtimedb` (through `watcher`, inotify) and
 //!   fetches the binary packages of a merge that has just started, in merge order;
 //! * `command` (`binpkgfs prefetch`): a separate process that names packages (or asks for
-//!   world updates, compared with `version`) and reads them through the mount.
+//!   world updates, by the rule in `world`) and reads them through the mount.
 
 mod command;
 mod mergelist;
 mod version;
 mod watcher;
+mod world;
 
 pub use command::run;
 pub use mergelist::watch;
