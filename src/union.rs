@@ -121,6 +121,14 @@ impl Union {
             merging: Mutex::new(()),
         };
         union.remerge();
+        // The merged view is new to this cache if any binhost's index was.
+        if union
+            .binhosts
+            .iter()
+            .any(|b| *b.life.new_indexes().borrow() > 0)
+        {
+            union.merged.note_new_index();
+        }
         Ok(union)
     }
 
@@ -129,8 +137,8 @@ impl Union {
         self.binhosts.iter().map(|b| b.endpoint.clone()).collect()
     }
 
-    /// Merges the binhosts' current indexes and swaps the result in, if it changed.
-    pub fn remerge(&self) {
+    /// Merges the binhosts' current indexes and swaps the result in, if it changed (`true`).
+    pub fn remerge(&self) -> bool {
         let _one = self.merging.lock().unwrap();
         let indexes: Vec<Arc<Index>> = self
             .binhosts
@@ -166,7 +174,7 @@ impl Union {
         let floor = current.timestamp.unwrap_or(0);
         let mut m = merge(&sources, floor);
         if m.index.raw == current.raw {
-            return;
+            return false;
         }
         if current.timestamp.is_some() && m.index.timestamp == current.timestamp {
             // Changed, but no binhost's TIMESTAMP moved past ours: move it anyway.
@@ -194,6 +202,7 @@ impl Union {
             result: self.summary(),
             validators: Default::default(),
         };
+        true
     }
 
     fn summary(&self) -> String {
@@ -223,7 +232,9 @@ impl Union {
                     let before = b.life.ns.current();
                     b.life.refresh().await;
                     if !Arc::ptr_eq(&before, &b.life.ns.current()) {
-                        me.remerge();
+                        if me.remerge() {
+                            me.merged.note_new_index();
+                        }
                     } else {
                         me.merged.last.lock().unwrap().result = me.summary();
                     }
