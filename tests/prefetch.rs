@@ -185,15 +185,17 @@ fn replace_atomically(path: &Path, content: &str) {
 }
 
 /// An `mtimedb` as Portage 3.0.83 writes it at the start of a merge of `cpvs`, with the
-/// first `merged` packages already done.
+/// first `merged` packages already done. The entries are whole instance keys (BUILD_TIME
+/// included), so the daemon holds them as it holds a real merge's.
 fn mtimedb_for(eroot: &Path, cpvs: &[&str], merged: usize) -> String {
     let binpkgs: Vec<String> = cpvs
         .iter()
         .map(|cpv| {
             let e = entry_for(cpv);
             format!(
-                r#"{{"BUILD_ID": {}, "BUILD_TIME": 0, "CPV": "{cpv}", "EROOT": "{}/", "MTIME": {}, "SIZE": {}}}"#,
+                r#"{{"BUILD_ID": {}, "BUILD_TIME": {}, "CPV": "{cpv}", "EROOT": "{}/", "MTIME": {}, "SIZE": {}}}"#,
                 e["BUILD_ID"],
+                e["BUILD_TIME"],
                 eroot.display(),
                 e["MTIME"],
                 e["SIZE"]
@@ -578,5 +580,86 @@ both_modes! {
             served.nginx.requests()
         );
         assert!(!served.daemon_log().contains("updates ("), "{}", served.daemon_log());
+    }
+}
+
+both_modes! {
+    /// At mount, a pass runs only when the index loaded then is new to this cache: a remount
+    /// on an unchanged binhost (a 304 against the saved index) starts nothing, a remount
+    /// after a release that came while unmounted prefetches it.
+    fn a_remount_prefetches_only_a_release_it_has_not_seen(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        let mut served = mount_with_updates(mode, root.path());
+        updates_pass_done(&served, None);
+        let remount = |served: &mut Served| {
+            served.mount.unmount().unwrap();
+            let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
+            let args = ["--no-prefetch", "--index-ttl", "600", "-o", &opt];
+            served.mount = support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &args)
+                .unwrap_or_else(|e| panic!("remount: {e}"));
+        };
+
+        remount(&mut served);
+        // The decision is logged as it is taken: the positive signal before the check.
+        let decided = wait_until(Duration::from_secs(30), || {
+            served.daemon_log().lines().any(|l| {
+                l.contains("prefetching updates after index refreshes") && l.contains("at_mount=false")
+            })
+        });
+        assert!(decided, "no decision logged:\n{}", served.daemon_log());
+        let s = status(&served);
+        assert_eq!(s["updates_prefetch"]["passes"], 0, "{s:#}");
+        assert_eq!(s["index"]["last_check_result"], "not modified", "{s:#}");
+
+        let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
+        served.nginx.clear_log();
+        remount(&mut served);
+        let s = updates_pass_done(&served, Some(timestamp_of(served.binhost())));
+        let pass = &s["updates_prefetch"]["last"];
+        assert_eq!((&pass["trigger"], &pass["fetched"]), (&"mount".into(), &1.into()), "{s:#}");
+        served.settle(&[&new]);
+        assert!(fetched_once_whole(&served.fetches_of(&new), &new));
+    }
+}
+
+both_modes! {
+    /// While emerge merges packages of the mount (its merge list in `mtimedb`), an updates pass
+    /// starts no transfer: the merge-list prefetch and emerge go first. Once the merge list
+    /// ends, the pass goes on and fetches the update.
+    fn an_updates_pass_waits_for_a_running_merge(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        let mtimedb = root.path().join("var/cache/edb/mtimedb");
+        fs::create_dir_all(mtimedb.parent().unwrap()).unwrap();
+        let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
+        let served = Served::new(
+            mode,
+            &["--mtimedb", mtimedb.to_str().unwrap(), "--index-ttl", "1", "-o", &opt],
+        );
+        updates_pass_done(&served, None);
+        let base = entry_for("sys-apps/demo-base-1.0");
+        replace_atomically(&mtimedb, &mtimedb_for(root.path(), &["sys-apps/demo-base-1.0"], 0));
+        served.settle(&[&base]);
+
+        let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
+        let timestamp = timestamp_of(served.binhost());
+        let mut s = serde_json::Value::Null;
+        let paused = wait_until(Duration::from_secs(30), || {
+            s = status(&served);
+            let pass = &s["updates_prefetch"]["last"];
+            pass["index_timestamp"] == timestamp && pass["state"] == "paused: a merge is running"
+        });
+        assert!(paused, "the pass did not pause for the merge: {s:#}");
+        assert_eq!(s["updates_prefetch"]["queued"], serde_json::json!([new["PATH"]]), "{s:#}");
+        served.nginx.sync_log();
+        assert!(served.fetches_of(&new).is_empty(), "fetched during the merge");
+
+        // The merge ends: emerge drops `resume` from mtimedb.
+        replace_atomically(&mtimedb, r#"{"info": {}, "version": "3.0.83"}"#);
+        let s = updates_pass_done(&served, Some(timestamp));
+        assert_eq!(s["updates_prefetch"]["last"]["fetched"], 1, "{s:#}");
+        served.settle(&[&new]);
+        assert!(fetched_once_whole(&served.fetches_of(&new), &new));
     }
 }

@@ -147,9 +147,14 @@ impl Updates {
     /// Runs a pass after each index new to this cache, for as long as the daemon runs.
     pub async fn watch(self: Arc<Self>, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fetcher>) {
         let mut fresh = lifecycle.new_indexes();
-        info!(root = %self.root.display(), "prefetching updates after index refreshes");
+        let at_mount = *fresh.borrow_and_update() > 0;
+        info!(
+            root = %self.root.display(),
+            at_mount,
+            "prefetching updates after index refreshes"
+        );
         let mut trigger = "mount";
-        if *fresh.borrow_and_update() == 0 {
+        if !at_mount {
             if fresh.changed().await.is_err() {
                 return;
             }
