@@ -120,16 +120,17 @@ fn updates_line(v: &Value, now: u64) -> String {
     if u("/enabled").and_then(Value::as_bool) != Some(true) {
         return "off (prefetch=updates to fetch updates after each refresh)".into();
     }
-    let root = u("/root").and_then(Value::as_str).unwrap_or("?");
+    let vdb = Path::new(u("/root").and_then(Value::as_str).unwrap_or("?")).join("var/db/pkg");
+    let vdb = vdb.display();
     if u("/last").is_none_or(Value::is_null) {
-        return format!("on ({root}/var/db/pkg), no pass yet (one runs after each new index)");
+        return format!("on ({vdb}), no pass yet (one runs after each new index)");
     }
-    let queued = u("/queued").and_then(Value::as_array).map_or(0, Vec::len);
+    let queued = n("/queued_total");
     let error = u("/last/error")
         .and_then(Value::as_str)
         .map_or(String::new(), |e| format!(": {e}"));
     format!(
-        "on ({root}/var/db/pkg), {} passes; last after {} {}s ago, {}{error}: \
+        "on ({vdb}), {} passes; last after {} {}s ago, {}{error}: \
          {} found, {} fetched ({} in {:.1} s), {} already cached, {} over budget, {} failed, \
          {queued} queued",
         n("/passes"),

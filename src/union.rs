@@ -416,17 +416,24 @@ mod tests {
         assert_eq!(ts(&u), 1000);
         assert_eq!(cpvs(&u), ["a/x-1", "a/y-1"]);
         assert_eq!(u.merged.ns.current().index.packages[1].origin.binhost, 1);
+        let new_indexes = |life: &Lifecycle| *life.new_indexes().borrow();
+        assert_eq!(
+            new_indexes(&u.merged),
+            1,
+            "fetched at start: new to the cache"
+        );
 
         std::fs::write(low.path().join("Packages"), index(200, "a/z-1", 4)).unwrap();
         u.binhosts[1].life.refresh().await;
-        u.remerge();
+        assert_eq!(new_indexes(&u.binhosts[1].life), 2);
+        assert!(u.remerge(), "the merge changed");
         assert_eq!(cpvs(&u), ["a/x-1", "a/z-1"]);
         assert_eq!(
             ts(&u),
             1001,
             "changed below the newest TIMESTAMP: raised by one"
         );
-        u.remerge();
+        assert!(!u.remerge());
         assert_eq!(ts(&u), 1001, "no change, no new TIMESTAMP");
 
         // low goes away: its last index stays in the merge.

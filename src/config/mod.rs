@@ -198,10 +198,10 @@ pub struct MountArgs {
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, prefetch=updates|none, updates_root=, streams=, verify=, netrc_file=, ca_file=, ssh_identity=,
-    /// ssh_known_hosts=, ssh_config=, ssh_option=KEY=VALUE, ssh_accept_new, binhost=,
-    /// binrepos[=FILE], proxy=, request_signature, noprefetch, nopassthrough, allow_other, and
-    /// the usual mount words.
+    /// stall_timeout=, mtimedb=, prefetch=updates|none, updates_root=, streams=, verify=,
+    /// netrc_file=, ca_file=, ssh_identity=, ssh_known_hosts=, ssh_config=,
+    /// ssh_option=KEY=VALUE, ssh_accept_new, binhost=, binrepos[=FILE], proxy=,
+    /// request_signature, noprefetch, nopassthrough, allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
 }

@@ -46,6 +46,8 @@ use crate::namespace::Namespace;
 pub const SHARE: u64 = 4;
 /// How often a pass paused for a merge looks again.
 const PAUSE_POLL: Duration = Duration::from_secs(1);
+/// Queued paths `status` lists (it answers through a 64 KiB xattr); the rest are counted.
+const QUEUED_SHOWN: usize = 20;
 
 /// What the passes did, for `status`; shared by the task and the status reporter.
 pub struct Updates {
@@ -332,7 +334,8 @@ impl Updates {
             "root": self.root.display().to_string(),
             "passes": r.passes,
             "last": last,
-            "queued": r.queued,
+            "queued": r.queued.iter().take(QUEUED_SHOWN).collect::<Vec<_>>(),
+            "queued_total": r.queued.len(),
         })
     }
 }
@@ -413,5 +416,12 @@ mod tests {
         assert_eq!(v["root"], "/sandbox");
         assert_eq!(v["passes"], 0);
         assert!(v["last"].is_null());
+        u.update(|r| r.queued = (0..1000).map(|i| format!("a/x/x-{i}-1.gpkg.tar")).collect());
+        let v = u.status();
+        assert_eq!(v["queued"].as_array().unwrap().len(), QUEUED_SHOWN);
+        assert_eq!(
+            v["queued_total"], 1000,
+            "a long queue is counted, not listed"
+        );
     }
 }
