@@ -229,12 +229,19 @@ struct Backend {
     union: Option<Arc<Union>>,
     /// A single binhost's mirrors, for status.
     single_mirrors: Vec<Arc<crate::remote::Mirror>>,
+    /// `prefetch=updates`: what its passes did, for status.
+    updates: Option<Arc<crate::prefetch::Updates>>,
 }
 
 impl Backend {
     /// The status closure: the plain one, plus each binhost and mirror where there are several.
     fn status(&self, cfg: &MountConfig) -> Box<dyn Fn() -> String + Send + Sync> {
-        let status = status::reporter(cfg, self.lifecycle.clone(), self.fetcher.clone());
+        let status = status::reporter(
+            cfg,
+            self.lifecycle.clone(),
+            self.fetcher.clone(),
+            self.updates.clone(),
+        );
         match &self.union {
             Some(u) => union_status(status, u.clone()),
             None if !self.single_mirrors.is_empty() => {
@@ -297,10 +304,14 @@ fn run_on(
             backend.fetcher.clone(),
         ))
     });
+    let updates = backend
+        .updates
+        .clone()
+        .map(|u| rt.spawn(u.watch(backend.lifecycle.clone(), backend.fetcher.clone())));
     let result = mounted.wait_for_end(rt, signals);
     refresher.abort();
-    if let Some(p) = prefetcher {
-        p.abort();
+    for task in prefetcher.into_iter().chain(updates) {
+        task.abort();
     }
     result
 }
@@ -345,6 +356,10 @@ fn open_backend(cfg: &MountConfig, rt: &tokio::runtime::Runtime) -> Result<Backe
         fetcher,
         union,
         single_mirrors,
+        updates: cfg
+            .prefetch_updates
+            .clone()
+            .map(|root| Arc::new(crate::prefetch::Updates::new(root))),
     })
 }
 

@@ -73,6 +73,10 @@ pub struct Lifecycle {
     published: Mutex<Published>,
     /// Whether the current index was checked for missing files (see `SWEEP_MAX`).
     swept: std::sync::atomic::AtomicBool,
+    /// Counts the indexes taken from the binhost that were new to this cache: one fetched at
+    /// mount (not the saved copy), then every refresh that changed it. What
+    /// `prefetch::updates` waits on.
+    new_indexes: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the served tree is made of (see the module comment).
@@ -194,6 +198,9 @@ impl Lifecycle {
         };
         remote.follow_uri(index.uri.as_deref());
         let life = Lifecycle::with_index(remote, store, url, index, result.clone(), validators);
+        if result == "fetched" {
+            life.note_new_index();
+        }
         info!(
             url = life.url,
             packages = life.ns.current().index.packages.len(),
@@ -230,7 +237,29 @@ impl Lifecycle {
             }),
             published: Mutex::new(published),
             swept: Default::default(),
+            new_indexes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever an index new to this cache is published (see `new_indexes`); its
+    /// value is how many there have been, so a receiver can tell a mount that fetched one.
+    pub fn new_indexes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.new_indexes.subscribe()
+    }
+
+    /// Says that the tree now published comes from an index new to this cache (a merged
+    /// mount's `Union` calls it for the merged view).
+    pub fn note_new_index(&self) {
+        self.new_indexes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether emerge is merging packages of this mount: its merge list holds entries, and
+    /// changed less than `HOLD_IDLE` ago.
+    pub fn merge_in_progress(&self) -> bool {
+        let p = self.published.lock().unwrap();
+        p.hold
+            .as_ref()
+            .is_some_and(|h| h.changed.elapsed() <= HOLD_IDLE)
     }
 
     /// Re-checks the index forever; run as a task. Between checks, it re-publishes when the
@@ -424,6 +453,7 @@ impl Lifecycle {
                             .store(false, std::sync::atomic::Ordering::Relaxed);
                         self.publish();
                         info!(packages, "index refreshed");
+                        self.note_new_index();
                         ("updated".to_string(), validators)
                     }
                 }

@@ -15,6 +15,7 @@ use crate::config::MountConfig;
 use crate::fetch::Fetcher;
 use crate::fs::STATUS_XATTR;
 use crate::lifecycle::Lifecycle;
+use crate::prefetch::Updates;
 use crate::verify::VerifyMode;
 
 fn unix(t: SystemTime) -> u64 {
@@ -26,6 +27,7 @@ pub fn reporter(
     cfg: &MountConfig,
     lifecycle: Arc<Lifecycle>,
     fetcher: Arc<Fetcher>,
+    updates: Option<Arc<Updates>>,
 ) -> Box<dyn Fn() -> String + Send + Sync> {
     let mountpoint = cfg.mountpoint.display().to_string();
     Box::new(move || {
@@ -61,6 +63,9 @@ pub fn reporter(
                 VerifyMode::Strongest => "strongest",
                 VerifyMode::All => "all",
             },
+            "updates_prefetch": updates
+                .as_ref()
+                .map_or_else(|| json!({"enabled": false}), |u| u.status()),
         })
         .to_string()
     })
@@ -106,6 +111,40 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// The `updates:` line: `prefetch=updates` off, waiting for its first pass, or its last pass.
+fn updates_line(v: &Value, now: u64) -> String {
+    let u = |p: &str| v.pointer(&format!("/updates_prefetch{p}"));
+    let n = |p: &str| u(p).and_then(Value::as_u64).unwrap_or(0);
+    if u("/enabled").and_then(Value::as_bool) != Some(true) {
+        return "off (prefetch=updates to fetch updates after each refresh)".into();
+    }
+    let vdb = Path::new(u("/root").and_then(Value::as_str).unwrap_or("?")).join("var/db/pkg");
+    let vdb = vdb.display();
+    if u("/last").is_none_or(Value::is_null) {
+        return format!("on ({vdb}), no pass yet (one runs after each new index)");
+    }
+    let queued = n("/queued_total");
+    let error = u("/last/error")
+        .and_then(Value::as_str)
+        .map_or(String::new(), |e| format!(": {e}"));
+    format!(
+        "on ({vdb}), {} passes; last after {} {}s ago, {}{error}: \
+         {} found, {} fetched ({} in {:.1} s), {} already cached, {} over budget, {} failed, \
+         {queued} queued",
+        n("/passes"),
+        u("/last/trigger").and_then(Value::as_str).unwrap_or("?"),
+        now.saturating_sub(n("/last/at")),
+        u("/last/state").and_then(Value::as_str).unwrap_or("?"),
+        n("/last/found"),
+        n("/last/fetched"),
+        human_bytes(n("/last/bytes")),
+        u("/last/seconds").and_then(Value::as_f64).unwrap_or(0.0),
+        n("/last/already_cached"),
+        n("/last/over_budget"),
+        n("/last/failed"),
+    )
 }
 
 /// Renders the status for a person.
@@ -190,7 +229,8 @@ pub fn render(v: &Value) -> String {
          cache:      {} of {} in {} entries\n\
          requests:   {} hits, {} misses, {} fetched, {} in flight, {} failed\n\
          verify:     SIZE and {}\n\
-         transport:  {}\n",
+         transport:  {}\n\
+         updates:    {}\n",
         s("/url"),
         s("/mountpoint"),
         n("/pid"),
@@ -217,6 +257,7 @@ pub fn render(v: &Value) -> String {
             "http" => "http(s)",
             other => other,
         },
+        updates_line(v, now),
     );
     text + &binhosts
 }

@@ -121,6 +121,14 @@ impl Union {
             merging: Mutex::new(()),
         };
         union.remerge();
+        // The merged view is new to this cache if any binhost's index was.
+        if union
+            .binhosts
+            .iter()
+            .any(|b| *b.life.new_indexes().borrow() > 0)
+        {
+            union.merged.note_new_index();
+        }
         Ok(union)
     }
 
@@ -129,8 +137,8 @@ impl Union {
         self.binhosts.iter().map(|b| b.endpoint.clone()).collect()
     }
 
-    /// Merges the binhosts' current indexes and swaps the result in, if it changed.
-    pub fn remerge(&self) {
+    /// Merges the binhosts' current indexes and swaps the result in, if it changed (`true`).
+    pub fn remerge(&self) -> bool {
         let _one = self.merging.lock().unwrap();
         let indexes: Vec<Arc<Index>> = self
             .binhosts
@@ -166,7 +174,7 @@ impl Union {
         let floor = current.timestamp.unwrap_or(0);
         let mut m = merge(&sources, floor);
         if m.index.raw == current.raw {
-            return;
+            return false;
         }
         if current.timestamp.is_some() && m.index.timestamp == current.timestamp {
             // Changed, but no binhost's TIMESTAMP moved past ours: move it anyway.
@@ -194,6 +202,7 @@ impl Union {
             result: self.summary(),
             validators: Default::default(),
         };
+        true
     }
 
     fn summary(&self) -> String {
@@ -223,7 +232,9 @@ impl Union {
                     let before = b.life.ns.current();
                     b.life.refresh().await;
                     if !Arc::ptr_eq(&before, &b.life.ns.current()) {
-                        me.remerge();
+                        if me.remerge() {
+                            me.merged.note_new_index();
+                        }
                     } else {
                         me.merged.last.lock().unwrap().result = me.summary();
                     }
@@ -405,17 +416,24 @@ mod tests {
         assert_eq!(ts(&u), 1000);
         assert_eq!(cpvs(&u), ["a/x-1", "a/y-1"]);
         assert_eq!(u.merged.ns.current().index.packages[1].origin.binhost, 1);
+        let new_indexes = |life: &Lifecycle| *life.new_indexes().borrow();
+        assert_eq!(
+            new_indexes(&u.merged),
+            1,
+            "fetched at start: new to the cache"
+        );
 
         std::fs::write(low.path().join("Packages"), index(200, "a/z-1", 4)).unwrap();
         u.binhosts[1].life.refresh().await;
-        u.remerge();
+        assert_eq!(new_indexes(&u.binhosts[1].life), 2);
+        assert!(u.remerge(), "the merge changed");
         assert_eq!(cpvs(&u), ["a/x-1", "a/z-1"]);
         assert_eq!(
             ts(&u),
             1001,
             "changed below the newest TIMESTAMP: raised by one"
         );
-        u.remerge();
+        assert!(!u.remerge());
         assert_eq!(ts(&u), 1001, "no change, no new TIMESTAMP");
 
         // low goes away: its last index stays in the merge.

@@ -1,9 +1,10 @@
-//! Prefetching against real parts: a real `emerge` whose merge list the daemon watches, and
-//! the `binpkgfs prefetch` command reading through a real mount served by real nginx.
+//! Prefetching against real parts: a real `emerge` whose merge list the daemon watches, the
+//! daemon's `-o prefetch=updates` after a release on the served binhost, and the
+//! `binpkgfs prefetch` command reading through a real mount served by real nginx.
 
 mod support;
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use support::{
     EMERGE_TIMEOUT, IndexEntry, LogLine, PortageSandbox, Served, binpkgfs_bin, both_modes,
-    entry_for, fixture_binhost, wait_until,
+    entry_for, fixture_binhost, parse_packages, wait_until,
 };
 use tempfile::TempDir;
 
@@ -184,15 +185,17 @@ fn replace_atomically(path: &Path, content: &str) {
 }
 
 /// An `mtimedb` as Portage 3.0.83 writes it at the start of a merge of `cpvs`, with the
-/// first `merged` packages already done.
+/// first `merged` packages already done. The entries are whole instance keys (BUILD_TIME
+/// included), so the daemon holds them as it holds a real merge's.
 fn mtimedb_for(eroot: &Path, cpvs: &[&str], merged: usize) -> String {
     let binpkgs: Vec<String> = cpvs
         .iter()
         .map(|cpv| {
             let e = entry_for(cpv);
             format!(
-                r#"{{"BUILD_ID": {}, "BUILD_TIME": 0, "CPV": "{cpv}", "EROOT": "{}/", "MTIME": {}, "SIZE": {}}}"#,
+                r#"{{"BUILD_ID": {}, "BUILD_TIME": {}, "CPV": "{cpv}", "EROOT": "{}/", "MTIME": {}, "SIZE": {}}}"#,
                 e["BUILD_ID"],
+                e["BUILD_TIME"],
                 eroot.display(),
                 e["MTIME"],
                 e["SIZE"]
@@ -384,5 +387,279 @@ both_modes! {
                 "/dev-libs/libdemo/libdemo-2.1-1.gpkg.tar"
             ]
         );
+    }
+}
+
+/// Writes `cat/pf` into `root`/var/db/pkg as Portage records an installed package, with the
+/// two files the world-updates rule reads.
+fn install_in_vdb(root: &Path, pf: &str, slot: &str, build_id: &str) {
+    let dir = root.join("var/db/pkg").join(pf);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("SLOT"), format!("{slot}\n")).unwrap();
+    fs::write(dir.join("BUILD_ID"), format!("{build_id}\n")).unwrap();
+}
+
+/// Publishes on `binhost` a new build of `cpv` beside the old one, as a binhost release
+/// does: the file first (BUILD_ID 2 at its own PATH, same bytes), then a `Packages` with a
+/// newer TIMESTAMP, renamed into place. Returns the new entry.
+fn publish_new_build(binhost: &Path, cpv: &str) -> IndexEntry {
+    let text = fs::read_to_string(binhost.join("Packages")).unwrap();
+    let (header, entries) = text.split_once("\n\n").unwrap();
+    let header: String = header
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some(("TIMESTAMP", t)) => format!("TIMESTAMP: {}\n", t.parse::<u64>().unwrap() + 10),
+            Some(("PACKAGES", n)) => format!("PACKAGES: {}\n", n.parse::<u64>().unwrap() + 1),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let old = entries
+        .split("\n\n")
+        .find(|b| b.lines().any(|l| l == format!("CPV: {cpv}")))
+        .unwrap_or_else(|| panic!("{cpv} is not on the binhost"));
+    let old_path = old.lines().find_map(|l| l.strip_prefix("PATH: ")).unwrap();
+    let new_path = old_path.replace("-1.gpkg.tar", "-2.gpkg.tar");
+    let new_block: String = old
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some(("BUILD_ID", _)) => "BUILD_ID: 2\n".to_string(),
+            Some(("BUILD_TIME", t)) => format!("BUILD_TIME: {}\n", t.parse::<u64>().unwrap() + 10),
+            Some(("PATH", _)) => format!("PATH: {new_path}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let (old_file, new_file) = (binhost.join(old_path), binhost.join(&new_path));
+    fs::copy(&old_file, &new_file).unwrap();
+    let mtime = fs::metadata(&old_file).unwrap().modified().unwrap();
+    File::options()
+        .write(true)
+        .open(&new_file)
+        .and_then(|f| f.set_modified(mtime))
+        .unwrap();
+    let published = format!("{header}\n{}\n\n{new_block}", entries.trim_end());
+    let tmp = binhost.join("Packages.new");
+    fs::write(&tmp, &published).unwrap();
+    fs::rename(&tmp, binhost.join("Packages")).unwrap();
+    parse_packages(&published)
+        .1
+        .into_iter()
+        .find(|e| e["PATH"] == new_path)
+        .unwrap()
+}
+
+/// `binpkgfs status --json` of the mount, parsed.
+fn status(served: &Served) -> serde_json::Value {
+    let out = Command::new(binpkgfs_bin())
+        .args(["status", "--json"])
+        .arg(served.mount.path())
+        .output()
+        .expect("run binpkgfs status");
+    assert!(out.status.success(), "status: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+/// Waits (failing the test after a deadline) until the last updates pass is over for the
+/// index whose TIMESTAMP is `timestamp` (any index if `None`), and returns that status.
+fn updates_pass_done(served: &Served, timestamp: Option<u64>) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let done = wait_until(Duration::from_secs(60), || {
+        last = status(served);
+        let pass = &last["updates_prefetch"]["last"];
+        pass["state"] == "done"
+            && timestamp.is_none_or(|t| pass["index_timestamp"] == t)
+            && last["downloads_in_flight"] == 0
+    });
+    assert!(
+        done,
+        "no finished updates pass for TIMESTAMP {timestamp:?}: {last:#}\n{}",
+        served.daemon_log()
+    );
+    last
+}
+
+/// A mount that prefetches the updates of the packages installed in `root`, re-checking the
+/// index every second.
+fn mount_with_updates(mode: support::Mode, root: &Path) -> Served {
+    let opt = format!("ro,prefetch=updates,updates_root={}", root.display());
+    Served::new(mode, &["--no-prefetch", "--index-ttl", "1", "-o", &opt])
+}
+
+fn timestamp_of(binhost: &Path) -> u64 {
+    let text = fs::read_to_string(binhost.join("Packages")).unwrap();
+    parse_packages(&text).0["TIMESTAMP"].parse().unwrap()
+}
+
+both_modes! {
+    /// `-o prefetch=updates`: a refresh that brings a newer build of an installed package
+    /// fetches it into the cache at once, whole and once; reading it through the mount then
+    /// asks nginx for nothing, and status says what the pass did.
+    fn a_refresh_with_a_newer_build_of_an_installed_package_prefetches_it(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        install_in_vdb(root.path(), "sys-apps/demo-base-1.0", "0", "1");
+        let served = mount_with_updates(mode, root.path());
+        // A first mount fetched an index new to this cache: one pass, nothing newer.
+        let s = updates_pass_done(&served, None);
+        assert_eq!(s["updates_prefetch"]["last"]["trigger"], "mount", "{s:#}");
+        assert_eq!(s["updates_prefetch"]["last"]["found"], 0, "{s:#}");
+
+        let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
+        let s = updates_pass_done(&served, Some(timestamp_of(served.binhost())));
+        let pass = &s["updates_prefetch"]["last"];
+        let size: u64 = new["SIZE"].parse().unwrap();
+        assert_eq!(pass["trigger"], "refresh", "{s:#}");
+        assert_eq!(
+            (&pass["found"], &pass["fetched"], &pass["failed"], &pass["bytes"]),
+            (&1.into(), &1.into(), &0.into(), &size.into()),
+            "{s:#}"
+        );
+        assert_eq!(s["updates_prefetch"]["queued"], serde_json::json!([]), "{s:#}");
+        let committed = wait_until(Duration::from_secs(10), || {
+            status(&served)["cache"]["entries"] == 1
+        });
+        assert!(committed, "the update is not in the cache: {:#}", status(&served));
+        served.settle(&[&new]);
+        let fetches = served.fetches_of(&new);
+        assert!(fetched_once_whole(&fetches, &new), "{fetches:#?}");
+        assert_eq!(served.nginx.count_matching(LogLine::is_package), 1, "only the update");
+        let log = served.daemon_log();
+        assert!(
+            log.contains("prefetching 1 updates (0.0 MiB) after refresh"),
+            "no info line for the pass:\n{log}"
+        );
+
+        served.nginx.clear_log();
+        let bytes = fs::read(served.mount.path().join(&new["PATH"])).unwrap();
+        assert_eq!(bytes, fs::read(served.binhost().join(&new["PATH"])).unwrap());
+        served.settle(&[]);
+        assert_eq!(
+            served.nginx.count_matching(LogLine::is_package),
+            0,
+            "a read of a prefetched update must be a cache hit: {:#?}",
+            served.nginx.requests()
+        );
+        let out = Command::new(binpkgfs_bin())
+            .arg("status")
+            .arg(served.mount.path())
+            .output()
+            .unwrap();
+        let human = text(&out.stdout);
+        assert!(
+            human.contains("last after refresh") && human.contains("1 found, 1 fetched"),
+            "{human}"
+        );
+    }
+}
+
+both_modes! {
+    /// A refresh that brings no newer build of an installed package (here a new build of
+    /// one that is not installed) runs a pass that finds nothing and fetches nothing.
+    fn a_refresh_without_updates_of_installed_packages_fetches_nothing(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        let served = mount_with_updates(mode, root.path());
+        updates_pass_done(&served, None);
+
+        let new = publish_new_build(served.binhost(), "app-misc/demo-data-1.0");
+        // The positive signal first: the pass for the new index has run to its end.
+        let s = updates_pass_done(&served, Some(timestamp_of(served.binhost())));
+        let pass = &s["updates_prefetch"]["last"];
+        assert_eq!(
+            (&pass["trigger"], &pass["installed"], &pass["found"], &pass["fetched"]),
+            (&"refresh".into(), &1.into(), &0.into(), &0.into()),
+            "{s:#}"
+        );
+        assert_eq!(s["updates_prefetch"]["passes"], 2, "{s:#}");
+        let listed = fs::read_to_string(served.mount.path().join("Packages")).unwrap();
+        assert!(listed.contains(&new["PATH"]), "the refresh is not served:\n{listed}");
+        served.nginx.sync_log();
+        assert_eq!(
+            served.nginx.count_matching(LogLine::is_package),
+            0,
+            "nothing to prefetch, yet nginx served a package: {:#?}",
+            served.nginx.requests()
+        );
+        assert!(!served.daemon_log().contains("updates ("), "{}", served.daemon_log());
+    }
+}
+
+both_modes! {
+    /// At mount, a pass runs only when the index loaded then is new to this cache: a remount
+    /// on an unchanged binhost (a 304 against the saved index) starts nothing, a remount
+    /// after a release that came while unmounted prefetches it.
+    fn a_remount_prefetches_only_a_release_it_has_not_seen(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        let mut served = mount_with_updates(mode, root.path());
+        updates_pass_done(&served, None);
+        let remount = |served: &mut Served| {
+            served.mount.unmount().unwrap();
+            let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
+            let args = ["--no-prefetch", "--index-ttl", "600", "-o", &opt];
+            served.mount = support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &args)
+                .unwrap_or_else(|e| panic!("remount: {e}"));
+        };
+
+        remount(&mut served);
+        // The decision is logged as it is taken: the positive signal before the check.
+        let decided = wait_until(Duration::from_secs(30), || {
+            served.daemon_log().lines().any(|l| {
+                l.contains("prefetching updates after index refreshes") && l.contains("at_mount=false")
+            })
+        });
+        assert!(decided, "no decision logged:\n{}", served.daemon_log());
+        let s = status(&served);
+        assert_eq!(s["updates_prefetch"]["passes"], 0, "{s:#}");
+        assert_eq!(s["index"]["last_check_result"], "not modified", "{s:#}");
+
+        let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
+        served.nginx.clear_log();
+        remount(&mut served);
+        let s = updates_pass_done(&served, Some(timestamp_of(served.binhost())));
+        let pass = &s["updates_prefetch"]["last"];
+        assert_eq!((&pass["trigger"], &pass["fetched"]), (&"mount".into(), &1.into()), "{s:#}");
+        served.settle(&[&new]);
+        assert!(fetched_once_whole(&served.fetches_of(&new), &new));
+    }
+}
+
+both_modes! {
+    /// While emerge merges packages of the mount (its merge list in `mtimedb`), an updates pass
+    /// starts no transfer: the merge-list prefetch and emerge go first. Once the merge list
+    /// ends, the pass goes on and fetches the update.
+    fn an_updates_pass_waits_for_a_running_merge(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        let mtimedb = root.path().join("var/cache/edb/mtimedb");
+        fs::create_dir_all(mtimedb.parent().unwrap()).unwrap();
+        let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
+        let served = Served::new(
+            mode,
+            &["--mtimedb", mtimedb.to_str().unwrap(), "--index-ttl", "1", "-o", &opt],
+        );
+        updates_pass_done(&served, None);
+        let base = entry_for("sys-apps/demo-base-1.0");
+        replace_atomically(&mtimedb, &mtimedb_for(root.path(), &["sys-apps/demo-base-1.0"], 0));
+        served.settle(&[&base]);
+
+        let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
+        let timestamp = timestamp_of(served.binhost());
+        let mut s = serde_json::Value::Null;
+        let paused = wait_until(Duration::from_secs(30), || {
+            s = status(&served);
+            let pass = &s["updates_prefetch"]["last"];
+            pass["index_timestamp"] == timestamp && pass["state"] == "paused: a merge is running"
+        });
+        assert!(paused, "the pass did not pause for the merge: {s:#}");
+        assert_eq!(s["updates_prefetch"]["queued"], serde_json::json!([new["PATH"]]), "{s:#}");
+        served.nginx.sync_log();
+        assert!(served.fetches_of(&new).is_empty(), "fetched during the merge");
+
+        // The merge ends: emerge drops `resume` from mtimedb.
+        replace_atomically(&mtimedb, r#"{"info": {}, "version": "3.0.83"}"#);
+        let s = updates_pass_done(&served, Some(timestamp));
+        assert_eq!(s["updates_prefetch"]["last"]["fetched"], 1, "{s:#}");
+        served.settle(&[&new]);
+        assert!(fetched_once_whole(&served.fetches_of(&new), &new));
     }
 }

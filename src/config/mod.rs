@@ -156,6 +156,13 @@ pub struct MountArgs {
     /// Do not watch emerge's merge list.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// After each index refresh that brings newer builds of installed packages, fetch them
+    /// into the cache in the background (at most a quarter of the cache per refresh).
+    #[arg(long)]
+    pub prefetch_updates: bool,
+    /// The EROOT whose var/db/pkg --prefetch-updates compares with the index [default: /].
+    #[arg(long, value_name = "DIR")]
+    pub updates_root: Option<PathBuf>,
     /// Serve every read through the daemon, even for complete packages (no FUSE passthrough).
     #[arg(long)]
     pub no_passthrough: bool,
@@ -191,10 +198,10 @@ pub struct MountArgs {
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Mount options: cache_dir=, cache_size=, index_ttl=, log_level=, log_file=, pid_file=,
-    /// stall_timeout=, mtimedb=, streams=, verify=, netrc_file=, ca_file=, ssh_identity=,
-    /// ssh_known_hosts=, ssh_config=, ssh_option=KEY=VALUE, ssh_accept_new, binhost=,
-    /// binrepos[=FILE], proxy=, request_signature, noprefetch, nopassthrough, allow_other, and
-    /// the usual mount words.
+    /// stall_timeout=, mtimedb=, prefetch=updates|none, updates_root=, streams=, verify=,
+    /// netrc_file=, ca_file=, ssh_identity=, ssh_known_hosts=, ssh_config=,
+    /// ssh_option=KEY=VALUE, ssh_accept_new, binhost=, binrepos[=FILE], proxy=,
+    /// request_signature, noprefetch, nopassthrough, allow_other, and the usual mount words.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
 }
@@ -232,6 +239,9 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// emerge's `mtimedb` to watch for merge lists to prefetch; `None`: no prefetching.
     pub prefetch_mtimedb: Option<PathBuf>,
+    /// `prefetch=updates`: the EROOT whose installed packages' updates are prefetched after
+    /// each index refresh; `None`: off.
+    pub prefetch_updates: Option<PathBuf>,
     /// Hand complete packages to the kernel (FUSE passthrough) where it supports it.
     pub passthrough: bool,
     /// Parallel ranged streams per large package (1: one stream).
@@ -289,6 +299,8 @@ impl MountConfig {
         let mut netrc_file = None;
         let mut ca_file = None;
         let mut no_prefetch = a.no_prefetch;
+        let mut prefetch_updates = None;
+        let mut updates_root = None;
         let mut passthrough = !a.no_passthrough;
         let mut ssh_identity = None;
         let mut ssh_known_hosts = None;
@@ -309,6 +321,8 @@ impl MountConfig {
                 Some(("pid_file", v)) => pid_file = Some(PathBuf::from(v)),
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
+                Some(("prefetch", v)) => prefetch_updates = Some(prefetch_mode(v)?),
+                Some(("updates_root", v)) => updates_root = Some(PathBuf::from(v)),
                 Some(("streams", v)) => streams = Some(v.to_string()),
                 Some(("ssh_identity", v)) => ssh_identity = Some(PathBuf::from(v)),
                 Some(("ssh_known_hosts", v)) => ssh_known_hosts = Some(PathBuf::from(v)),
@@ -451,11 +465,30 @@ impl MountConfig {
             connect_timeout: Duration::from_secs(10).min(stall_timeout),
             allow_other: allow_other.unwrap_or(is_root),
             prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
+            prefetch_updates: (a.prefetch_updates || prefetch_updates == Some(true))
+                .then(|| {
+                    absolute(
+                        &a.updates_root
+                            .or(updates_root)
+                            .unwrap_or_else(|| "/".into()),
+                    )
+                })
+                .transpose()?,
             passthrough,
             streams,
             ssh,
             verify,
         })
+    }
+}
+
+/// `-o prefetch=VALUE`: `updates` turns update prefetching on, `none` asks for nothing more
+/// (merge-list prefetching has its own switch, `noprefetch`).
+fn prefetch_mode(v: &str) -> Result<bool, String> {
+    match v.trim() {
+        "updates" => Ok(true),
+        "none" => Ok(false),
+        other => Err(format!("prefetch {other:?}: expected `updates` or `none`")),
     }
 }
 
@@ -633,6 +666,65 @@ pub(crate) mod tests {
             let mut args = off.to_vec();
             args.extend(["http://h/x", "/mnt"]);
             assert_eq!(cfg(&args).unwrap().prefetch_mtimedb, None, "{off:?}");
+        }
+    }
+
+    #[test]
+    fn update_prefetch_options() {
+        assert_eq!(cfg(&["http://h/x", "/mnt"]).unwrap().prefetch_updates, None);
+        let c = cfg(&["-o", "ro,prefetch=updates", "http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/")));
+        let c = cfg(&["--prefetch-updates", "http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/")));
+        let c = cfg(&[
+            "-o",
+            "prefetch=updates,updates_root=/sandbox",
+            "http://h/x",
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/sandbox")));
+        // The long option wins over -o, as everywhere.
+        let c = cfg(&[
+            "--prefetch-updates",
+            "--updates-root",
+            "/a",
+            "-o",
+            "updates_root=/b",
+            "http://h/x",
+            "/mnt",
+        ])
+        .unwrap();
+        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/a")));
+        // A root alone turns nothing on; `none` is not an error, and merge-list prefetching
+        // keeps its own switch.
+        let c = cfg(&["-o", "updates_root=/b,prefetch=none", "http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.prefetch_updates, None);
+        assert!(c.prefetch_mtimedb.is_some());
+        let c = cfg(&["-o", "prefetch=updates,prefetch=none", "http://h/x", "/mnt"]).unwrap();
+        assert_eq!(c.prefetch_updates, None, "the last wins");
+        let c = cfg(&["-o", "noprefetch,prefetch=updates", "http://h/x", "/mnt"]).unwrap();
+        assert_eq!(
+            (c.prefetch_mtimedb, c.prefetch_updates.is_some()),
+            (None, true)
+        );
+        let c = cfg(&[
+            "--updates-root",
+            "rel",
+            "--prefetch-updates",
+            "http://h/x",
+            "/mnt",
+        ])
+        .unwrap();
+        assert!(c.prefetch_updates.unwrap().is_absolute());
+        for bad in [
+            "prefetch=update",
+            "prefetch=",
+            "prefetch=updates+world",
+            "prefetch",
+        ] {
+            let e = cfg(&["-o", bad, "http://h/x", "/mnt"]).unwrap_err();
+            assert!(e.contains("prefetch"), "{bad}: {e}");
         }
     }
 

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::version::{Version, split_cpv};
+use super::version::split_cpv;
+use super::world::{installed, slots, world_updates};
 use crate::config::PrefetchConfig;
 use crate::index::{Index, Package};
 
@@ -117,116 +118,6 @@ fn newest_builds(pkgs: &mut Vec<&Package>) {
     pkgs.retain(|p| best.get(&*p.cpv).is_some_and(|b| std::ptr::eq(*b, *p)));
 }
 
-/// One package installed in EROOT/var/db/pkg.
-#[derive(Debug)]
-struct Installed {
-    name: String,
-    version: Version,
-    slot: Option<String>,
-    build_id: Option<u64>,
-}
-
-fn installed(root: &Path) -> Result<Vec<Installed>, String> {
-    let db = root.join("var/db/pkg");
-    let cats = fs::read_dir(&db).map_err(|e| format!("{}: {e}", db.display()))?;
-    let mut out = Vec::new();
-    for cat in cats.flatten() {
-        let Ok(pfs) = fs::read_dir(cat.path()) else {
-            continue;
-        };
-        for pf in pfs.flatten() {
-            let (cat, pf) = (cat.file_name(), pf.file_name());
-            let (Some(cat), Some(pf)) = (cat.to_str(), pf.to_str()) else {
-                continue;
-            };
-            // Portage's in-progress merges and lock files.
-            if pf.starts_with('.') || pf.starts_with("-MERGING-") {
-                continue;
-            }
-            let Some((name, version)) = split_cpv(&format!("{cat}/{pf}"))
-                .map(|(name, version)| (name.to_string(), version))
-            else {
-                continue;
-            };
-            let dir = db.join(cat).join(pf);
-            let field = |f: &str| {
-                fs::read_to_string(dir.join(f))
-                    .ok()
-                    .map(|s| s.trim().to_string())
-            };
-            out.push(Installed {
-                name,
-                version,
-                slot: field("SLOT").map(|s| main_slot(&s).to_string()),
-                build_id: field("BUILD_ID").and_then(|s| s.parse().ok()),
-            });
-        }
-    }
-    Ok(out)
-}
-
-fn main_slot(slot: &str) -> &str {
-    slot.split('/').next().unwrap_or(slot)
-}
-
-/// `PATH -> main SLOT` for the index's entries that carry a SLOT (the snapshot does not keep it).
-fn slots(raw: &[u8]) -> HashMap<String, String> {
-    let text = String::from_utf8_lossy(raw);
-    let mut out = HashMap::new();
-    for block in text.split("\n\n") {
-        let field = |key: &str| {
-            block.lines().rev().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                (k == key).then(|| v.get(1..).unwrap_or("").trim().to_string())
-            })
-        };
-        if let (Some(cpv), Some(slot)) = (field("CPV"), field("SLOT")) {
-            let path = field("PATH").unwrap_or_else(|| format!("{cpv}.tbz2"));
-            out.insert(path, main_slot(&slot).to_string());
-        }
-    }
-    out
-}
-
-/// For each installed package, the newest index entry of the same name and slot that is a
-/// newer version, or the same version with a higher BUILD_ID. A slot unknown on either side
-/// matches any slot. Without dependency resolution this is an approximation of `emerge -u`: it
-/// sees no new dependencies, slot moves, masks or USE changes.
-fn world_updates<'a>(
-    index: &'a Index,
-    slots: &HashMap<String, String>,
-    installed: &[Installed],
-) -> Vec<&'a Package> {
-    let mut by_name: HashMap<&str, Vec<(&Package, Version)>> = HashMap::new();
-    for p in &index.packages {
-        if let Some((name, v)) = split_cpv(&p.cpv) {
-            by_name.entry(name).or_default().push((p, v));
-        }
-    }
-    let mut out = Vec::new();
-    for inst in installed {
-        let Some(candidates) = by_name.get(inst.name.as_str()) else {
-            continue;
-        };
-        let best = candidates
-            .iter()
-            .filter(|(p, _)| match (&inst.slot, slots.get(&*p.path)) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            })
-            .filter(|(p, v)| match v.cmp(&inst.version) {
-                std::cmp::Ordering::Greater => true,
-                std::cmp::Ordering::Equal => inst.build_id.is_some() && p.build_id > inst.build_id,
-                std::cmp::Ordering::Less => false,
-            })
-            .max_by(|(p, v), (q, w)| v.cmp(w).then(p.build_id.cmp(&q.build_id)));
-        if let Some((p, _)) = best {
-            out.push(*p);
-        }
-    }
-    out
-}
-
 struct Outcome {
     ok: usize,
     failed: usize,
@@ -311,21 +202,7 @@ fn read_one(path: &Path, size: u64, bar: &ProgressBar) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const INDEX: &str = "TIMESTAMP: 100\nVERSION: 0\n\n\
-        CPV: a/x-1\nBUILD_ID: 1\nPATH: a/x/x-1-1.gpkg.tar\nSIZE: 10\nSLOT: 0\n\n\
-        CPV: a/x-1\nBUILD_ID: 2\nPATH: a/x/x-1-2.gpkg.tar\nSIZE: 20\nSLOT: 0\n\n\
-        CPV: a/x-1.1\nBUILD_ID: 1\nPATH: a/x/x-1.1-1.gpkg.tar\nSIZE: 20\nSLOT: 0\n\n\
-        CPV: a/x-2\nBUILD_ID: 1\nPATH: a/x/x-2-1.gpkg.tar\nSIZE: 20\nSLOT: 2/2.1\n\n\
-        CPV: a/x-lib-3\nPATH: a/x-lib-3.tbz2\nSIZE: 30\n";
-
-    fn index() -> Index {
-        Index::parse(Bytes::from_static(INDEX.as_bytes())).unwrap()
-    }
-
-    fn paths(pkgs: &[&Package]) -> Vec<String> {
-        pkgs.iter().map(|p| p.path.to_string()).collect()
-    }
+    use crate::prefetch::world::tests::{index, paths};
 
     #[test]
     fn resolves_paths_cpvs_and_names() {
@@ -348,33 +225,5 @@ mod tests {
         for none in ["a/y", "a/x-3", "a", "a/x/x-9.gpkg.tar", ""] {
             assert!(r(none).is_empty(), "{none:?}");
         }
-    }
-
-    #[test]
-    fn world_updates_pick_the_newest_in_the_same_slot() {
-        let idx = index();
-        let inst = |name: &str, v: &str, slot: Option<&str>, build_id| Installed {
-            name: name.into(),
-            version: Version::parse(v).unwrap(),
-            slot: slot.map(str::to_string),
-            build_id,
-        };
-        let up = |installed: &[Installed]| paths(&world_updates(&idx, &slots(&idx.raw), installed));
-        // Slot 0 at 1: 1.1 is newer (2 is another slot).
-        assert_eq!(
-            up(&[inst("a/x", "1", Some("0"), Some(2))]),
-            ["a/x/x-1.1-1.gpkg.tar"]
-        );
-        // Already newest in slot 2; nothing else in the index.
-        assert!(up(&[inst("a/x", "2", Some("2"), Some(1))]).is_empty());
-        // Unknown slot: the newest of any slot.
-        assert_eq!(up(&[inst("a/x", "1", None, None)]), ["a/x/x-2-1.gpkg.tar"]);
-        // Same version, newer build (slot 0, version 1.1 has only build 1).
-        assert_eq!(
-            up(&[inst("a/x", "1.1", Some("0"), Some(0))]),
-            ["a/x/x-1.1-1.gpkg.tar"]
-        );
-        assert!(up(&[inst("a/x", "1.1", Some("0"), None)]).is_empty());
-        assert!(up(&[inst("b/nothing", "1", None, None)]).is_empty());
     }
 }

@@ -139,7 +139,7 @@ pub fn resolve(ns: &Namespace, entries: &[Entry]) -> Vec<Package> {
 }
 
 /// The package the namespace serves at `path`.
-fn served<'a>(ns: &'a Namespace, path: &str) -> Option<&'a Package> {
+pub(super) fn served<'a>(ns: &'a Namespace, path: &str) -> Option<&'a Package> {
     let node = path
         .split('/')
         .try_fold(ns.node(ROOT_INO)?, |node, name| ns.lookup(node.ino, name))?;
@@ -243,7 +243,7 @@ async fn read(path: &Path) -> Result<Option<MergeList>, ()> {
 
 /// The first of `packages` that fit in `limit` bytes together. Saturating: SIZE comes from
 /// the index, and a hostile one may be near u64::MAX.
-fn within(packages: Vec<Package>, limit: u64) -> Vec<Package> {
+pub(super) fn within(packages: Vec<Package>, limit: u64) -> Vec<Package> {
     let mut total = 0u64;
     packages
         .into_iter()

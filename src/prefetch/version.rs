@@ -1,4 +1,4 @@
-//! Gentoo package versions: splitting `cat/pn-ver` and ordering versions, for `--world-updates`.
+//! Gentoo package versions: splitting `cat/pn-ver` and ordering versions, for the rule in `world`.
 //!
 //! Implements the comparison of PMS 3.3 (numeric components with the leading-zero rule, the
 //! letter, `_alpha < _beta < _pre < _rc < (none) < _p` suffixes, `-rN`). Limits: no `*` or

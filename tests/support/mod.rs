@@ -1287,6 +1287,11 @@ impl Served {
         fs::read_to_string(self.cache.path().join("binpkgfs.log")).unwrap_or_default()
     }
 
+    /// The served copy of the binhost, for a test that publishes a release on it.
+    pub fn binhost(&self) -> &Path {
+        self._binhost.path()
+    }
+
     /// GET requests nginx logged for `entry`'s file.
     pub fn fetches_of(&self, entry: &IndexEntry) -> Vec<LogLine> {
         let uri = format!("/{}", entry["PATH"]);
