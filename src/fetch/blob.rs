@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::watch;
@@ -39,8 +39,6 @@ pub struct Blob {
     /// Held until promotion hands it to the whole transfer.
     pub(super) tx: Mutex<Option<watch::Sender<State>>>,
     pub(super) sparse: Option<Sparse>,
-    /// A sparse read delivered the file's final byte (unchecked, as a metadata scan may).
-    pub(super) tail_served: AtomicBool,
     /// The prefix the whole transfer adopted from the sparse file.
     pub(super) adopted: AtomicU64,
     /// The last ranged-read failure logged, so a failing file is logged once, not per read.
@@ -61,9 +59,9 @@ impl Blob {
         // The read that delivers the final byte waits for the check. If a sparse read already
         // delivered the tail, every byte past the adopted prefix waits instead: otherwise a
         // reader could collect the whole file without any read having waited.
-        let must_be_checked = end == self.pkg.size
-            || (self.tail_served.load(Ordering::Acquire)
-                && end > self.adopted.load(Ordering::Acquire));
+        let tail_served = self.sparse.as_ref().is_some_and(Sparse::tail_served);
+        let must_be_checked =
+            end == self.pkg.size || (tail_served && end > self.adopted.load(Ordering::Acquire));
         let mut rx = self.state.clone();
         let ready = rx
             .wait_for(|s| match s {
@@ -113,15 +111,9 @@ impl Blob {
         let Some(fetcher) = self.fetcher.upgrade() else {
             return Err(self.error("shutting down"));
         };
-        if end == self.pkg.size {
-            // Said before the request, not after: a whole reader deciding whether to wait
-            // must never miss an unchecked tail that is already on its way to a reader.
-            self.tail_served.store(true, Ordering::Release);
-        }
         let data = match sparse.read(&fetcher, &self.pkg, (offset, end)).await {
             Ok(Ranged::Data(data)) => Some(data),
-            // A whole-file reader (in order, or in any order once it holds `PROMOTE_AFTER`),
-            // or a server without ranges: fetch it all, verified.
+            // A whole-file reader in order, or a server without ranges: fetch it all, verified.
             Ok(Ranged::NoRanges | Ranged::Sequential) => None,
             // Another read started the whole transfer while this one waited.
             Ok(Ranged::Closed) => return Ok(None),
@@ -135,7 +127,8 @@ impl Blob {
             }
         };
         if data.is_none() || sparse.held() >= PROMOTE_AFTER {
-            // This read, if it has data, is still a ranged one.
+            // A whole-file reader in any order (it holds `PROMOTE_AFTER` bytes) is promoted
+            // too. This read, if it has data, is still a ranged one.
             self.promote_off_worker().await?;
         }
         if !self.is_sparse() && self.adopted.load(Ordering::Acquire) < end {

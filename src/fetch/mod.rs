@@ -32,7 +32,7 @@ mod transfer;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::watch;
@@ -290,7 +290,6 @@ impl Fetcher {
             state,
             tx: Mutex::new(tx),
             sparse,
-            tail_served: AtomicBool::new(false),
             adopted: AtomicU64::new(0),
             last_warning: Mutex::new(None),
             store: self.store.clone(),

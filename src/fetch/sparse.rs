@@ -8,14 +8,16 @@
 //!
 //! A read near the start fetches the first `HEAD` bytes in one request: that is what a
 //! metadata scan reads there (Python's tar reader asks for 128 KiB, the kernel reads ahead to
-//! 384 KiB), in one round trip instead of three. A read that goes on in order from a gap-free
-//! prefix of at least `SEQUENTIAL_FROM` bytes is a whole reader (`cat`, Portage's digest pass):
-//! `read` answers `Ranged::Sequential` instead of fetching, and the blob starts the whole
-//! transfer, which adopts the prefix. So a sequential reader costs two ranged round trips before
-//! its stream, not one per kernel read until 1 MiB. `SEQUENTIAL_FROM` keeps one block of margin
-//! over the scan's readahead; a scan that reads on in order past it is fetched whole. Once a
-//! whole transfer has taken over (`close`), no read here fetches again: reads queued behind the
-//! lock are answered by the stream.
+//! 384 KiB), in one round trip instead of three; any read of the kernel's first readahead
+//! window fetches from block 0 too, as they take the lock in any order. A read from
+//! `SEQUENTIAL_FROM` on, within a readahead window of that head, is a whole reader (`cat`,
+//! Portage's digest pass): `read` answers `Ranged::Sequential` instead of fetching, and the
+//! blob starts the whole transfer, which adopts the gap-free prefix. So a sequential reader
+//! costs one or two ranged round trips before its stream, not one per kernel read until 1 MiB.
+//! `SEQUENTIAL_FROM` keeps one block of margin over the scan's readahead; a scan that reads on
+//! past it is fetched whole (the scan's jump to the tail is further away). Once a whole
+//! transfer has taken over (`close`), no read here fetches again: reads queued behind the lock
+//! are answered by the stream.
 //!
 //! These bytes are not verified (nothing can be until the whole file is there), so they never
 //! become a cache entry and are never mixed into the whole file's verified stream except as the
@@ -35,8 +37,11 @@ use crate::index::Package;
 pub const BLOCK: u64 = 64 * 1024;
 /// A read starting below this fetches at least up to it (a whole number of blocks).
 pub const HEAD: u64 = 6 * BLOCK;
-/// A read in order from a gap-free prefix at least this long is a whole reader's.
+/// A read from here on, within `READAHEAD` of a gap-free head, is a whole reader's.
 pub const SEQUENTIAL_FROM: u64 = 8 * BLOCK;
+/// How far ahead of a reader the kernel reads (the mount's `max_readahead`, see `fs`): its
+/// reads of one window arrive together, in any order.
+const READAHEAD: u64 = 1 << 20;
 
 /// What a ranged read found.
 #[derive(Debug)]
@@ -61,8 +66,10 @@ pub struct Sparse {
     /// Bytes from offset 0 covered without a gap: what a promoted transfer can adopt.
     prefix: AtomicU64,
     held: AtomicU64,
-    /// Set when a whole transfer takes over; checked under `blocks`.
+    /// Set when a whole transfer takes over (`close`).
     closed: AtomicBool,
+    /// See `tail_served`.
+    tail_served: AtomicBool,
 }
 
 impl Sparse {
@@ -74,6 +81,7 @@ impl Sparse {
             prefix: AtomicU64::new(0),
             held: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            tail_served: AtomicBool::new(false),
         }
     }
 
@@ -87,16 +95,31 @@ impl Sparse {
     ) -> Result<Ranged, String> {
         {
             let mut blocks = self.blocks.lock().await;
-            if self.closed.load(Ordering::Acquire) {
+            if self.closed.load(Ordering::SeqCst) {
                 return Ok(Ranged::Closed);
             }
             let prefix = self.prefix_len();
-            if offset >= SEQUENTIAL_FROM && offset <= prefix && end > prefix {
+            if offset >= SEQUENTIAL_FROM && prefix >= HEAD && offset < prefix + READAHEAD {
                 self.close();
                 return Ok(Ranged::Sequential);
             }
-            let want = if offset < HEAD { end.max(HEAD) } else { end };
-            let (first, last) = (offset / BLOCK, (want.min(pkg.size) - 1) / BLOCK);
+            if end == pkg.size {
+                // Said before the request, and before looking at `closed` again: a whole
+                // reader that sees the promotion (which closes first) then sees this too, so
+                // it never misses an unchecked tail on its way to a reader.
+                self.tail_served.store(true, Ordering::SeqCst);
+                if self.closed.load(Ordering::SeqCst) {
+                    return Ok(Ranged::Closed);
+                }
+            }
+            // The head comes whole from block 0, whichever of the kernel's readahead reads
+            // takes the lock first.
+            let (first, want) = if prefix < HEAD && offset < SEQUENTIAL_FROM + READAHEAD {
+                (0, end.max(HEAD))
+            } else {
+                (offset / BLOCK, end)
+            };
+            let last = (want.min(pkg.size) - 1) / BLOCK;
             let missing: Vec<u64> = (first..=last).filter(|b| !blocks.contains(b)).collect();
             if let (Some(&a), Some(&b)) = (missing.first(), missing.last()) {
                 let from = a * BLOCK;
@@ -134,7 +157,7 @@ impl Sparse {
 
     /// No read fetches from now on: a whole transfer serves them.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
     }
 
     /// How many bytes of the file are held, in any order: a reader that pulled this much is
@@ -148,8 +171,14 @@ impl Sparse {
         self.prefix.load(Ordering::Relaxed)
     }
 
-    pub fn file(&self) -> &File {
+    pub fn file(&self) -> &Arc<File> {
         &self.file
+    }
+
+    /// A read of the file's final byte was let through here: unchecked, as a metadata scan
+    /// needs it. Set before that read's request goes out.
+    pub fn tail_served(&self) -> bool {
+        self.tail_served.load(Ordering::SeqCst)
     }
 }
 

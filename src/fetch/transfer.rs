@@ -45,7 +45,7 @@ impl Fetcher {
         let prefix = blob
             .sparse
             .as_ref()
-            .map(|s| (s.file(), adopted))
+            .map(|s| (s.file().clone(), adopted))
             .filter(|(_, n)| *n > 0);
         let outcome = self.receive(pkg, file.clone(), &tx, prefix).await;
         // The network part is over: a transfer starting now runs alone (see `plan`).
@@ -100,7 +100,7 @@ impl Fetcher {
         pkg: &Package,
         file: Arc<File>,
         tx: &watch::Sender<State>,
-        prefix: Option<(&File, u64)>,
+        prefix: Option<(Arc<File>, u64)>,
     ) -> Result<(), String> {
         let (chunks, rx) = mpsc::channel::<Bytes>(16);
         let parts = Arc::new(OnceLock::new());
@@ -124,10 +124,15 @@ impl Fetcher {
         let mut have = 0u64;
         if let Some((sparse, len)) = prefix {
             while have < len {
-                let mut buf = vec![0u8; (len - have).min(1 << 20) as usize];
-                sparse
-                    .read_exact_at(&mut buf, have)
-                    .map_err(|e| format!("reading sparse cache file: {e}"))?;
+                // Disk I/O: on the blocking pool, not a runtime worker.
+                let (file, at, n) = (sparse.clone(), have, (len - have).min(1 << 20) as usize);
+                let buf = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    file.read_exact_at(&mut buf, at).map(|()| buf)
+                })
+                .await
+                .map_err(|e| format!("reading sparse cache file: {e}"))?
+                .map_err(|e| format!("reading sparse cache file: {e}"))?;
                 have += buf.len() as u64;
                 if chunks.send(buf.into()).await.is_err() {
                     break;

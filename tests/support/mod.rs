@@ -1172,9 +1172,8 @@ impl Mount {
         self.pid.expect("a ready mount has a pid")
     }
 
-    /// `umount MNT`, then waits until the daemon has exited.
-    /// Unmounts and waits for the daemon to exit. A mount still "busy" just after the test
-    /// closed its last file (the kernel drops the last reference of a closed file
+    /// `umount MNT`, then waits until the daemon has exited. A mount still "busy" just after
+    /// the test closed its last file (the kernel drops the last reference of a closed file
     /// asynchronously, more so on a loaded machine) is tried again for a few seconds; busy
     /// beyond that is a failure.
     pub fn unmount(&mut self) -> Result<(), String> {
