@@ -12,7 +12,8 @@
 #   binpkgfs         mount_binpkgfs, unmount_binpkgfs
 #   clean-up         bench_cleanup runs on exit: mounts, daemons, nginx, proxy, namespace, $T
 #
-# Environment read here: BINPKGFS, BINPKGFS_PORTAGE_VENV, BENCH_DIR, RATE, BURST, LIMIT_RATE.
+# Environment read here: BINPKGFS, BINPKGFS_PORTAGE_VENV, BENCH_DIR, RATE, BURST, LIMIT_RATE,
+# BENCH_KEEP=1 (keep $T and the last sandbox, to look at the logs).
 
 HERE=${HERE:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 REPO=$(dirname "$HERE")
@@ -62,9 +63,13 @@ bench_cleanup() {
     fi
     [[ -n $NS ]] && ip netns del "$NS" 2>/dev/null
     [[ -n $VETH_HOST ]] && ip link del "$VETH_HOST" 2>/dev/null
-    # The sandbox prefix holds only what a bench made (checked by its marker).
-    [[ -e $PREFIX/.binpkgfs-bench ]] && rm -rf "$PREFIX"
-    [[ -n $T ]] && rm -rf "$T"
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+        say "kept $T and $PREFIX (BENCH_KEEP=1)"
+    else
+        # The sandbox prefix holds only what a bench made (checked by its marker).
+        [[ -e $PREFIX/.binpkgfs-bench ]] && rm -rf "$PREFIX"
+        [[ -n $T ]] && rm -rf "$T"
+    fi
     exit "$rc"
 }
 
@@ -337,7 +342,7 @@ check_installed() {
     local n
     n=$(find "$PREFIX/var/db/pkg" -mindepth 2 -maxdepth 2 | wc -l)
     [[ $n == "$2" ]] || die "$1: $n of $2 packages installed"
-    cmp -s <(python3 -c "import random, sys; sys.stdout.buffer.write(random.Random($5).randbytes($4))") \
+    cmp -s <(python3 -c "import random, sys; sys.stdout.buffer.write(random.Random($5).randbytes($4))" 2>/dev/null) \
         "$PREFIX/usr/share/$3/blob.bin" || die "$1: installed $3 has wrong content"
 }
 
