@@ -13,7 +13,8 @@
 #   clean-up         bench_cleanup runs on exit: mounts, daemons, nginx, proxy, namespace, $T
 #
 # Environment read here: BINPKGFS, BINPKGFS_PORTAGE_VENV, BENCH_DIR, RATE, BURST, LIMIT_RATE,
-# BENCH_KEEP=1 (keep $T and the last sandbox, to look at the logs).
+# BENCH_KEEP=1 (keep $T and the last sandbox, to look at the logs), PROXY_OPTS (more
+# delay-proxy.py options, e.g. --no-slow-start).
 
 HERE=${HERE:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 REPO=$(dirname "$HERE")
@@ -109,8 +110,8 @@ tbf_burst() {
 # start_binhost DIR: nginx serving DIR. With RATE, inside a fresh network namespace behind a
 # veth pair whose namespace side is shaped with tbf (what the binhost sends: its uplink).
 # nginx listens directly at $BIND_IP:$DIRECT_PORT and, for the delay proxy, at
-# 127.0.0.1:$BACKEND_PORT (inside the namespace). $ACCESS_LOG gets one line per request, the
-# bytes sent.
+# 127.0.0.1:$BACKEND_PORT (inside the namespace). $ACCESS_LOG gets one line per request: bytes
+# sent, connection number, time, method, path, Range header.
 start_binhost() {
     local root=$1 net
     BIND_IP=127.0.0.1 DIRECT_PORT=$(free_port) BACKEND_PORT=$(free_port) PROXY_PORT=$(free_port)
@@ -141,7 +142,7 @@ pid $T/nginx/nginx.pid;
 error_log $T/nginx/error.log;
 events { worker_connections 1024; }
 http {
-    log_format bytes '\$body_bytes_sent';
+    log_format bytes '\$body_bytes_sent \$connection \$msec \$request_method \$uri \$http_range';
     access_log $ACCESS_LOG bytes;
     default_type application/octet-stream;
     sendfile on;
@@ -191,8 +192,9 @@ set_rtt() {
         URL=http://$BIND_IP:$DIRECT_PORT
         return
     fi
+    # shellcheck disable=SC2086 # PROXY_OPTS: words, split on purpose
     "${AT_BINHOST[@]}" python3 "$HERE/delay-proxy.py" --listen "$BIND_IP:$PROXY_PORT" \
-        --upstream "127.0.0.1:$BACKEND_PORT" --rtt-ms "$RTT" 2>"$T/proxy.log" &
+        --upstream "127.0.0.1:$BACKEND_PORT" --rtt-ms "$RTT" ${PROXY_OPTS:-} 2>"$T/proxy.log" &
     PROXY_PID=$!
     URL=http://$BIND_IP:$PROXY_PORT
     wait_for_url "$URL" || die "delay proxy does not answer at $URL: $(cat "$T/proxy.log")"
