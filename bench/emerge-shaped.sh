@@ -48,7 +48,7 @@ set -euo pipefail
 
 BENCH_NAME=${BENCH_NAME:-emerge-shaped}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
 SET=${SET:-blobs}

@@ -40,7 +40,7 @@ set -euo pipefail
 
 BENCH_NAME=emerge-updates
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
 RATE=${RATE:-30mbit}

@@ -21,7 +21,7 @@ set -euo pipefail
 
 BENCH_NAME=read-256
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 size_mib=${SIZE_MIB:-256}
 reps=${REPS:-3}
