@@ -99,7 +99,7 @@ write_list
 ATOM=$(awk '$1 == "meta" {print $2}' "$T/list")
 NPKGS=$(wc -l <"$T/list")
 # The blob check_installed compares: the last one in the list.
-read -r _ CHECK_CPV _ CHECK_BYTES CHECK_SEED < <(grep '^blob ' "$T/list" | tail -1)
+read -r _ CHECK_CPV _ CHECK_BYTES CHECK_SEED <<<"$(grep '^blob ' "$T/list" | tail -1)"
 BIGGEST=$(sort -k4,4n "$T/list" | awk '$1 == "blob" {p = $2} END {print p}')
 
 SETDIR=$BENCH_DIR/sets/$SET-$(md5sum <"$T/list" | cut -c1-8)
@@ -131,6 +131,7 @@ mount_case() { # note-key
 }
 
 run_case() {
+    binhost_alive
     case $1 in
     local)
         rm -rf "$T/local-pkgdir"
@@ -239,12 +240,12 @@ start_binhost "$BINHOST"
 for rtt in $RTT_MS; do
     set_rtt "$rtt"
     say "binhost $URL in netns $NS; link $(link_name); cases: $CASES; $REPS rounds"
-    read -r s _ fb < <(probe_url "$PROBE_PATH")
+    read -r s _ fb <<<"$(probe_url "$PROBE_PATH")"
     say "link check: curl of ${BIGGEST#*/}: $s s, first byte $fb s"
     SECS=() NOTE=() NET=() CPU=() DCPU=() PROBE_S='' PROBE_FB=''
     for ((r = 1; r <= REPS; r++)); do
         say "RTT $rtt ms: round $r/$REPS"
-        read -r s _ fb < <(probe_url "$PROBE_PATH")
+        read -r s _ fb <<<"$(probe_url "$PROBE_PATH")"
         PROBE_S+=" $s" PROBE_FB+=" $fb"
         for c in $CASES; do
             run_case "$c"

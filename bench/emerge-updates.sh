@@ -98,7 +98,7 @@ serve() { # v1|v2: what nginx serves from now on (an atomic symlink swap)
 # --- cases -------------------------------------------------------------------------------------
 
 # After an update: every package still installed once, and the last blob has 2.0's bytes.
-read -r _ CHECK_CPV _ CHECK_BYTES CHECK_SEED < <(awk '$1 == "blob" && $3 == "2.0"' "$T/list" | tail -1)
+read -r _ CHECK_CPV _ CHECK_BYTES CHECK_SEED <<<"$(awk '$1 == "blob" && $3 == "2.0"' "$T/list" | tail -1)"
 check_case() { check_installed "$1" "$NPKGS" "${CHECK_CPV#*/}" "$CHECK_BYTES" "$CHECK_SEED"; }
 
 install_v1() { # a fresh sandbox with v1 installed (app-misc/upd-all in @world)
@@ -113,7 +113,7 @@ declare -A WAIT=() SEEN=() PNET=()
 
 # The mount's status, as "entries in_flight index_timestamp" (binpkgfs status --json).
 mount_status() {
-    "$BINPKGFS" status --json "$T/mnt" | python3 -c 'import json, sys
+    "$BINPKGFS" status --json "$T/mnt" | "$PYTHON" -c 'import json, sys
 s = json.load(sys.stdin)
 print(s["cache"]["entries"], s["downloads_in_flight"], s["index"]["timestamp"])'
 }
@@ -122,9 +122,11 @@ print(s["cache"]["entries"], s["downloads_in_flight"], s["index"]["timestamp"])'
 # and every update is in its cache with no download in flight; records release -> seen and
 # release -> cached. For case byhand, starts `binpkgfs prefetch --world-updates` once seen.
 wait_prefetched() {
-    local name=$1 t_rel=$2 ts_v1=$3 t_seen='' entries=0 inflight=0 ts t done=- pid=''
+    local name=$1 t_rel=$2 ts_v1=$3 t_seen='' entries=0 inflight=0 st ts t done=- pid=''
     while :; do
-        read -r entries inflight ts < <(mount_status)
+        binhost_alive
+        st=$(mount_status) || die "$name: binpkgfs status $T/mnt failed"
+        read -r entries inflight ts <<<"$st"
         t=$(now)
         if [[ -z $t_seen && $ts != "$ts_v1" ]]; then
             t_seen=$t
@@ -133,6 +135,10 @@ wait_prefetched() {
                     >"$T/byhand.log" 2>&1 &
                 pid=$!
             fi
+        fi
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" || { tail -5 "$T/byhand.log" >&2; die "byhand: binpkgfs prefetch failed"; }
+            pid=''
         fi
         if ((entries >= UPD_N && inflight == 0)) && [[ -n $t_seen ]]; then
             done=$(secs "$t_rel" "$t")
@@ -179,6 +185,7 @@ mount_released() {
 }
 
 run_case() {
+    binhost_alive
     serve v1
     install_v1
     case $1 in

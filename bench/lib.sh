@@ -23,6 +23,9 @@ VENV=${BINPKGFS_PORTAGE_VENV:-/opt/portage-venv}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/binpkgfs-bench}
 PREFIX=$BENCH_DIR/prefix # the one EPREFIX for builders and every install sandbox
 
+# The interpreter itself, not a shim (pyenv's are bash scripts: slower, and they swallow SIGINT).
+PYTHON=${PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}
+
 die() { echo "$BENCH_NAME: $*" >&2; exit 1; }
 say() { echo "$BENCH_NAME: $*" >&2; }
 now() { echo "$EPOCHREALTIME"; }
@@ -175,6 +178,13 @@ wait_for_url() {
     return 1
 }
 
+# Dies if nginx or the delay proxy has gone (a Ctrl-C reaches them too: then the bench must end
+# rather than wait for a binhost that is not there).
+binhost_alive() {
+    kill -0 "$NGINX_PID" 2>/dev/null || die "nginx has exited (interrupted?)"
+    [[ -z $PROXY_PID ]] || kill -0 "$PROXY_PID" 2>/dev/null || die "delay-proxy.py has exited (interrupted?)"
+}
+
 stop_proxy() {
     if [[ -n $PROXY_PID ]]; then
         kill "$PROXY_PID" 2>/dev/null || true
@@ -193,7 +203,7 @@ set_rtt() {
         return
     fi
     # shellcheck disable=SC2086 # PROXY_OPTS: words, split on purpose
-    "${AT_BINHOST[@]}" python3 "$HERE/delay-proxy.py" --listen "$BIND_IP:$PROXY_PORT" \
+    "${AT_BINHOST[@]}" "$PYTHON" "$HERE/delay-proxy.py" --listen "$BIND_IP:$PROXY_PORT" \
         --upstream "127.0.0.1:$BACKEND_PORT" --rtt-ms "$RTT" ${PROXY_OPTS:-} 2>"$T/proxy.log" &
     PROXY_PID=$!
     URL=http://$BIND_IP:$PROXY_PORT
