@@ -128,7 +128,7 @@ class Pump:
         self.delay, self.rate, self.window = delay, rate, window
         self.not_before = not_before  # first departure allowed (the handshake), virtual time
         self.buffer = buffer
-        self.queue = collections.deque()  # (time read, bytes or None for EOF)
+        self.queue = collections.deque()  # (time read, bytes; None: EOF; OSError: reset)
         self.queued = 0
         self.have = asyncio.Event()
         self.room = asyncio.Event()
@@ -137,7 +137,12 @@ class Pump:
     async def read(self):
         loop = asyncio.get_running_loop()
         while True:
-            data = await self.reader.read(CHUNK)
+            try:
+                data = await self.reader.read(CHUNK)
+            except OSError as e:  # a reset: passed on (after the bytes before it), ends both
+                self.queue.append((loop.time(), e))
+                self.have.set()
+                return
             self.queue.append((loop.time(), data or None))
             self.have.set()
             if not data:
@@ -154,6 +159,8 @@ class Pump:
                 self.have.clear()
                 await self.have.wait()
             t, data = self.queue.popleft()
+            if isinstance(data, OSError):
+                raise data
             t = max(t, self.not_before)
             if data is None:
                 if self.window and self.window.last is not None:
