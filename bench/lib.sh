@@ -404,12 +404,14 @@ net_mib() { awk '{s += $1} END {printf "%.1f", s / 1048576}' "$ACCESS_LOG"; }
 # --- binpkgfs ----------------------------------------------------------------------------------
 
 # mount_binpkgfs [ARGS...]: mount $URL at $T/mnt with cache $T/cache; sets MOUNT_SECS.
+# BINPKGFS_OPTS (words) are added to every mount, e.g. BINPKGFS_OPTS="-o streams=1".
 mount_binpkgfs() {
-    local t0 t1
+    local t0 t1 extra=()
+    read -r -a extra <<<"${BINPKGFS_OPTS:-}"
     mkdir -p "$T/mnt"
     t0=$(now)
     "$BINPKGFS" mount --cache-dir "$T/cache" --log-file "$T/binpkgfs.log" \
-        --pid-file "$T/binpkgfs.pid" "$@" "$URL" "$T/mnt" || return 1
+        --pid-file "$T/binpkgfs.pid" "${extra[@]}" "$@" "$URL" "$T/mnt" || return 1
     t1=$(now)
     MOUNTED=$T/mnt
     MOUNT_SECS=$(secs "$t0" "$t1")
