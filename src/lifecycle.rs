@@ -64,6 +64,11 @@ const RETAIN_FOR: Duration = Duration::from_secs(3600);
 const SWEEP_PARALLEL: usize = 4;
 const SWEEP_MAX: usize = 5000;
 
+/// `RefreshState::result` of a mount that took an index new to this cache from the binhost.
+const FETCHED: &str = "fetched";
+/// `RefreshState::result` of a 200 whose bytes are those of the index we have.
+const NOT_MODIFIED_SAME: &str = "not modified (same bytes)";
+
 pub struct Lifecycle {
     pub remote: Arc<Endpoint>,
     pub store: Arc<Store>,
@@ -156,12 +161,29 @@ impl Lifecycle {
                     "not modified".to_string(),
                 )
             }
+            // A server without validators (or with new ones for the same file: a mirror
+            // failover, a touched file): the same bytes are not a new index, as for a refresh.
+            Ok(IndexFetch::Fresh { raw, validators })
+                if saved_index.as_ref().is_some_and(|s| s.raw == raw) =>
+            {
+                // New validators are kept, so the next check can be answered with a 304.
+                if since != Some(&validators)
+                    && let Err(e) = store.save_index(&url, &raw, &validators)
+                {
+                    warn!("could not save the index's validators: {e}");
+                }
+                (
+                    saved_index.expect("matched above"),
+                    validators,
+                    NOT_MODIFIED_SAME.to_string(),
+                )
+            }
             Ok(IndexFetch::Fresh { raw, validators }) => match Index::parse(raw.clone()) {
                 Ok(index) => {
                     if let Err(e) = store.save_index(&url, &raw, &validators) {
                         warn!("could not save the index for offline use: {e}");
                     }
-                    (index, validators, "fetched".to_string())
+                    (index, validators, FETCHED.to_string())
                 }
                 Err(e) => match saved_index {
                     Some(index) => {
@@ -198,7 +220,7 @@ impl Lifecycle {
         };
         remote.follow_uri(index.uri.as_deref());
         let life = Lifecycle::with_index(remote, store, url, index, result.clone(), validators);
-        if result == "fetched" {
+        if result == FETCHED {
             life.note_new_index();
         }
         info!(
@@ -421,7 +443,7 @@ impl Lifecycle {
                 if raw == self.published.lock().unwrap().upstream.index.raw =>
             {
                 // A server without validators: the same bytes are not a new index.
-                ("not modified (same bytes)".to_string(), validators)
+                (NOT_MODIFIED_SAME.to_string(), validators)
             }
             Ok(IndexFetch::Fresh { raw, validators }) => match Index::parse(raw.clone()) {
                 Ok(index) => {

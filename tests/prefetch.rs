@@ -663,3 +663,37 @@ both_modes! {
         assert!(fetched_once_whole(&served.fetches_of(&new), &new));
     }
 }
+
+both_modes! {
+    /// A remount whose index comes back with new validators but the same bytes (a touched
+    /// `Packages`, as a binhost without validators or a mirror failover gives) is no new
+    /// index: no pass runs.
+    fn a_remount_on_the_same_bytes_with_new_validators_starts_nothing(mode) {
+        let root = TempDir::new().unwrap();
+        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+        let mut served = mount_with_updates(mode, root.path());
+        updates_pass_done(&served, None);
+        served.mount.unmount().unwrap();
+        // nginx's ETag and Last-Modified follow the file's mtime: both change, the bytes do not.
+        let packages = served.binhost().join("Packages");
+        let mtime = fs::metadata(&packages).unwrap().modified().unwrap();
+        File::options()
+            .write(true)
+            .open(&packages)
+            .and_then(|f| f.set_modified(mtime + Duration::from_secs(3600)))
+            .unwrap();
+        let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
+        let args = ["--no-prefetch", "--index-ttl", "600", "-o", &opt];
+        served.mount = support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &args)
+            .unwrap_or_else(|e| panic!("remount: {e}"));
+        let decided = wait_until(Duration::from_secs(30), || {
+            served.daemon_log().lines().any(|l| {
+                l.contains("prefetching updates after index refreshes") && l.contains("at_mount=false")
+            })
+        });
+        assert!(decided, "no pass-less decision logged:\n{}", served.daemon_log());
+        let s = status(&served);
+        assert_eq!(s["updates_prefetch"]["passes"], 0, "{s:#}");
+        assert_eq!(s["index"]["last_check_result"], "not modified (same bytes)", "{s:#}");
+    }
+}
