@@ -53,6 +53,13 @@ pub struct RefreshState {
 /// list after every package; one that has not changed for this long belongs to an emerge that
 /// died (or builds one package from source for longer than this).
 pub const HOLD_IDLE: Duration = Duration::from_secs(6 * 3600);
+/// How long after its merge list last changed a merge counts as running for the background
+/// work that yields to it (`merge_in_progress`). Portage rewrites `mtimedb` after each
+/// package, so a merge of binary packages changes it every few seconds; an emerge stopped by
+/// Ctrl-C leaves `resume` behind unchanged, and yielding until `HOLD_IDLE` would pause the
+/// updates prefetch for hours. A source build that takes longer than this reads nothing from
+/// the mount meanwhile: it does not need the link.
+pub const MERGE_ACTIVE: Duration = Duration::from_secs(15 * 60);
 /// How many replaced indexes are kept for a merge list that names their entries, and for how
 /// long (emerge resolves against the index it read, maybe before a refresh).
 const RETAIN: usize = 2;
@@ -275,13 +282,11 @@ impl Lifecycle {
         self.new_indexes.send_modify(|n| *n += 1);
     }
 
-    /// Whether emerge is merging packages of this mount: its merge list holds entries, and
-    /// changed less than `HOLD_IDLE` ago.
+    /// Whether emerge is merging packages of this mount, for background work to yield to:
+    /// its merge list holds entries and changed less than `MERGE_ACTIVE` ago (the hold
+    /// itself lasts longer, see `HOLD_IDLE`).
     pub fn merge_in_progress(&self) -> bool {
-        let p = self.published.lock().unwrap();
-        p.hold
-            .as_ref()
-            .is_some_and(|h| h.changed.elapsed() <= HOLD_IDLE)
+        self.published.lock().unwrap().merging(Instant::now())
     }
 
     /// Re-checks the index forever; run as a task. Between checks, it re-publishes when the
@@ -499,6 +504,13 @@ impl Lifecycle {
 }
 
 impl Published {
+    /// See `Lifecycle::merge_in_progress`.
+    fn merging(&self, now: Instant) -> bool {
+        self.hold
+            .as_ref()
+            .is_some_and(|h| now.saturating_duration_since(h.changed) <= MERGE_ACTIVE)
+    }
+
     /// The served tree: the upstream entries its tree placed, less the missing ones and those
     /// whose PATH a held entry has, then the held entries. The upstream index as it is when
     /// nothing is left out or added (the served `Packages` is then byte-identical).
@@ -720,6 +732,25 @@ mod tests {
         );
         p.hold = None;
         assert_eq!(p.namespace(&[]).index.packages[0].size, 11);
+    }
+
+    #[test]
+    fn a_merge_list_that_stopped_changing_is_no_running_merge_but_stays_held() {
+        let mut p = published(index(OLD));
+        let t0 = Instant::now();
+        assert!(!p.merging(t0), "no merge list");
+        hold(&mut p, &[instance("a/x-1", 1, 10)]);
+        let changed = p.hold.as_ref().unwrap().changed;
+        assert!(p.merging(changed));
+        assert!(p.merging(changed + MERGE_ACTIVE));
+        // emerge killed (Ctrl-C leaves `resume` in mtimedb): no longer yielded to...
+        assert!(!p.merging(changed + MERGE_ACTIVE + Duration::from_secs(1)));
+        // ...though its entries are still held.
+        assert!(p.hold.is_some());
+        assert!(MERGE_ACTIVE < HOLD_IDLE);
+        // The list changes again (the next package): running again.
+        hold(&mut p, &[instance("a/x-1", 1, 10)]);
+        assert!(p.merging(Instant::now()));
     }
 
     #[test]

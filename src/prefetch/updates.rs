@@ -21,7 +21,8 @@
 //!   not take the link from a reader;
 //! * while emerge merges packages of this mount (its merge list held, see `lifecycle`), no
 //!   new transfer starts: the merge-list prefetch and emerge's own reads go first. The one in
-//!   flight runs to its end;
+//!   flight runs to its end. A merge list that stopped changing for `MERGE_ACTIVE` (emerge
+//!   interrupted) no longer pauses a pass;
 //! * a newer index stops a running pass before its next package; the next pass starts from
 //!   the new tree (what the old one fetched is cached, so it is not fetched again);
 //! * no dependency resolution: a new dependency, a USE change or a slot move is not seen.
