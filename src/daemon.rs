@@ -297,11 +297,12 @@ fn run_on(
         Some(u) => rt.spawn(u.clone().run(cfg.index_ttl)),
         None => rt.spawn(backend.lifecycle.clone().run(cfg.index_ttl)),
     };
-    let prefetcher = cfg.prefetch_mtimedb.clone().map(|mtimedb| {
+    let prefetcher = cfg.mtimedb.clone().map(|mtimedb| {
         rt.spawn(crate::prefetch::watch(
             mtimedb,
             backend.lifecycle.clone(),
             backend.fetcher.clone(),
+            cfg.prefetch_merge_list,
         ))
     });
     let updates = backend

@@ -477,11 +477,33 @@ fn updates_pass_done(served: &Served, timestamp: Option<u64>) -> serde_json::Val
     last
 }
 
-/// A mount that prefetches the updates of the packages installed in `root`, re-checking the
-/// index every second.
-fn mount_with_updates(mode: support::Mode, root: &Path) -> Served {
+/// The arguments of a mount that prefetches the updates of the packages installed in
+/// `root`, and not the merge list (watched only to yield to a merge: `root`'s, which no test
+/// here writes unless it says so), re-checking the index every `ttl` seconds.
+fn updates_args(root: &Path, ttl: &str) -> Vec<String> {
+    let mtimedb = root.join("var/cache/edb/mtimedb");
     let opt = format!("ro,prefetch=updates,updates_root={}", root.display());
-    Served::new(mode, &["--no-prefetch", "--index-ttl", "1", "-o", &opt])
+    [
+        "--no-prefetch",
+        "--mtimedb",
+        mtimedb.to_str().unwrap(),
+        "--index-ttl",
+        ttl,
+        "-o",
+        &opt,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A mount that prefetches the updates of the packages installed in `root` (see
+/// `updates_args`), re-checking the index every second.
+fn mount_with_updates(mode: support::Mode, root: &Path) -> Served {
+    Served::new(mode, &strs(&updates_args(root, "1")))
 }
 
 fn timestamp_of(binhost: &Path) -> u64 {
@@ -594,10 +616,10 @@ both_modes! {
         updates_pass_done(&served, None);
         let remount = |served: &mut Served| {
             served.mount.unmount().unwrap();
-            let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
-            let args = ["--no-prefetch", "--index-ttl", "600", "-o", &opt];
-            served.mount = support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &args)
-                .unwrap_or_else(|e| panic!("remount: {e}"));
+            let args = updates_args(root.path(), "600");
+            served.mount =
+                support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &strs(&args))
+                    .unwrap_or_else(|e| panic!("remount: {e}"));
         };
 
         remount(&mut served);
@@ -623,44 +645,84 @@ both_modes! {
     }
 }
 
-both_modes! {
-    /// While emerge merges packages of the mount (its merge list in `mtimedb`), an updates pass
-    /// starts no transfer: the merge-list prefetch and emerge go first. Once the merge list
-    /// ends, the pass goes on and fetches the update.
-    fn an_updates_pass_waits_for_a_running_merge(mode) {
-        let root = TempDir::new().unwrap();
-        install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
-        let mtimedb = root.path().join("var/cache/edb/mtimedb");
-        fs::create_dir_all(mtimedb.parent().unwrap()).unwrap();
-        let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
-        let served = Served::new(
-            mode,
-            &["--mtimedb", mtimedb.to_str().unwrap(), "--index-ttl", "1", "-o", &opt],
-        );
-        updates_pass_done(&served, None);
-        let base = entry_for("sys-apps/demo-base-1.0");
-        replace_atomically(&mtimedb, &mtimedb_for(root.path(), &["sys-apps/demo-base-1.0"], 0));
+/// While emerge merges packages of the mount (its merge list in `mtimedb`), an updates pass
+/// starts no transfer: the merge-list prefetch (if on) and emerge go first. Once the merge
+/// list ends, the pass goes on and fetches the update.
+fn an_updates_pass_waits_for_a_running_merge(mode: support::Mode, merge_list_prefetch: bool) {
+    let root = TempDir::new().unwrap();
+    install_in_vdb(root.path(), "dev-libs/libdemo-2.1", "0", "1");
+    let mtimedb = root.path().join("var/cache/edb/mtimedb");
+    fs::create_dir_all(mtimedb.parent().unwrap()).unwrap();
+    let mut args = updates_args(root.path(), "1");
+    if merge_list_prefetch {
+        args.retain(|a| a != "--no-prefetch");
+    }
+    let served = Served::new(mode, &strs(&args));
+    updates_pass_done(&served, None);
+    let base = entry_for("sys-apps/demo-base-1.0");
+    replace_atomically(
+        &mtimedb,
+        &mtimedb_for(root.path(), &["sys-apps/demo-base-1.0"], 0),
+    );
+    let held = wait_until(Duration::from_secs(30), || {
+        served
+            .daemon_log()
+            .contains("merge in progress: its entries stay served")
+    });
+    assert!(
+        held,
+        "the merge list was not seen:\n{}",
+        served.daemon_log()
+    );
+    if merge_list_prefetch {
         served.settle(&[&base]);
+    }
 
-        let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
-        let timestamp = timestamp_of(served.binhost());
-        let mut s = serde_json::Value::Null;
-        let paused = wait_until(Duration::from_secs(30), || {
-            s = status(&served);
-            let pass = &s["updates_prefetch"]["last"];
-            pass["index_timestamp"] == timestamp && pass["state"] == "paused: a merge is running"
-        });
-        assert!(paused, "the pass did not pause for the merge: {s:#}");
-        assert_eq!(s["updates_prefetch"]["queued"], serde_json::json!([new["PATH"]]), "{s:#}");
-        served.nginx.sync_log();
-        assert!(served.fetches_of(&new).is_empty(), "fetched during the merge");
+    let new = publish_new_build(served.binhost(), "dev-libs/libdemo-2.1");
+    let timestamp = timestamp_of(served.binhost());
+    let mut s = serde_json::Value::Null;
+    let paused = wait_until(Duration::from_secs(30), || {
+        s = status(&served);
+        let pass = &s["updates_prefetch"]["last"];
+        pass["index_timestamp"] == timestamp && pass["state"] == "paused: a merge is running"
+    });
+    assert!(paused, "the pass did not pause for the merge: {s:#}");
+    assert_eq!(
+        s["updates_prefetch"]["queued"],
+        serde_json::json!([new["PATH"]]),
+        "{s:#}"
+    );
+    served.nginx.sync_log();
+    assert!(
+        served.fetches_of(&new).is_empty(),
+        "fetched during the merge"
+    );
+    if !merge_list_prefetch {
+        assert!(
+            served.fetches_of(&base).is_empty(),
+            "noprefetch, yet the merge list was fetched"
+        );
+    }
 
-        // The merge ends: emerge drops `resume` from mtimedb.
-        replace_atomically(&mtimedb, r#"{"info": {}, "version": "3.0.83"}"#);
-        let s = updates_pass_done(&served, Some(timestamp));
-        assert_eq!(s["updates_prefetch"]["last"]["fetched"], 1, "{s:#}");
-        served.settle(&[&new]);
-        assert!(fetched_once_whole(&served.fetches_of(&new), &new));
+    // The merge ends: emerge drops `resume` from mtimedb.
+    replace_atomically(&mtimedb, r#"{"info": {}, "version": "3.0.83"}"#);
+    let s = updates_pass_done(&served, Some(timestamp));
+    assert_eq!(s["updates_prefetch"]["last"]["fetched"], 1, "{s:#}");
+    served.settle(&[&new]);
+    assert!(fetched_once_whole(&served.fetches_of(&new), &new));
+}
+
+both_modes! {
+    /// With the merge-list prefetch on.
+    fn an_updates_pass_waits_for_a_running_merge_it_prefetches(mode) {
+        an_updates_pass_waits_for_a_running_merge(mode, true);
+    }
+}
+
+both_modes! {
+    /// With `--no-prefetch`: the merge list is still watched, to yield to it.
+    fn an_updates_pass_waits_for_a_running_merge_with_noprefetch(mode) {
+        an_updates_pass_waits_for_a_running_merge(mode, false);
     }
 }
 
@@ -682,10 +744,10 @@ both_modes! {
             .open(&packages)
             .and_then(|f| f.set_modified(mtime + Duration::from_secs(3600)))
             .unwrap();
-        let opt = format!("ro,prefetch=updates,updates_root={}", root.path().display());
-        let args = ["--no-prefetch", "--index-ttl", "600", "-o", &opt];
-        served.mount = support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &args)
-            .unwrap_or_else(|e| panic!("remount: {e}"));
+        let args = updates_args(root.path(), "600");
+        served.mount =
+            support::Mount::new(mode, &served.nginx.url(), served.cache.path(), &strs(&args))
+                .unwrap_or_else(|e| panic!("remount: {e}"));
         let decided = wait_until(Duration::from_secs(30), || {
             served.daemon_log().lines().any(|l| {
                 l.contains("prefetching updates after index refreshes") && l.contains("at_mount=false")

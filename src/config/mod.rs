@@ -17,6 +17,7 @@ use crate::credentials::{BinhostUrl, Credentials};
 use crate::remote::SshOptions;
 
 mod binhosts;
+mod prefetch;
 use binhosts::binhosts;
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/binpkgfs";
@@ -153,7 +154,7 @@ pub struct MountArgs {
     /// [default: /var/cache/edb/mtimedb].
     #[arg(long)]
     pub mtimedb: Option<PathBuf>,
-    /// Do not watch emerge's merge list.
+    /// Do not prefetch emerge's merge list (nor watch it, unless --prefetch-updates is on).
     #[arg(long)]
     pub no_prefetch: bool,
     /// After each index refresh that brings newer builds of installed packages, fetch them
@@ -237,8 +238,11 @@ pub struct MountConfig {
     pub connect_timeout: Duration,
     /// Let other users (the `portage` user) read the mount.
     pub allow_other: bool,
-    /// emerge's `mtimedb` to watch for merge lists to prefetch; `None`: no prefetching.
-    pub prefetch_mtimedb: Option<PathBuf>,
+    /// emerge's `mtimedb` to watch for merge lists (to prefetch them, to hold their entries,
+    /// and for `prefetch=updates` to yield to); `None`: not watched.
+    pub mtimedb: Option<PathBuf>,
+    /// Whether the packages of a new merge list are prefetched (`noprefetch` turns it off).
+    pub prefetch_merge_list: bool,
     /// `prefetch=updates`: the EROOT whose installed packages' updates are prefetched after
     /// each index refresh; `None`: off.
     pub prefetch_updates: Option<PathBuf>,
@@ -295,12 +299,9 @@ impl MountConfig {
         let mut streams = None;
         let mut verify = None;
         let mut allow_other = None;
-        let mut mtimedb = None;
         let mut netrc_file = None;
         let mut ca_file = None;
-        let mut no_prefetch = a.no_prefetch;
-        let mut prefetch_updates = None;
-        let mut updates_root = None;
+        let mut prefetch = prefetch::PrefetchWords::default();
         let mut passthrough = !a.no_passthrough;
         let mut ssh_identity = None;
         let mut ssh_known_hosts = None;
@@ -312,6 +313,9 @@ impl MountConfig {
         let mut request_signature = a.request_signature;
         let mut proxy = None;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+            if prefetch.take(opt)? {
+                continue;
+            }
             match opt.split_once('=') {
                 Some(("cache_dir", v)) => cache_dir = Some(PathBuf::from(v)),
                 Some(("cache_size", v)) => cache_size = Some(v.to_string()),
@@ -320,9 +324,6 @@ impl MountConfig {
                 Some(("log_file", v)) => log_file = Some(PathBuf::from(v)),
                 Some(("pid_file", v)) => pid_file = Some(PathBuf::from(v)),
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
-                Some(("mtimedb", v)) => mtimedb = Some(PathBuf::from(v)),
-                Some(("prefetch", v)) => prefetch_updates = Some(prefetch_mode(v)?),
-                Some(("updates_root", v)) => updates_root = Some(PathBuf::from(v)),
                 Some(("streams", v)) => streams = Some(v.to_string()),
                 Some(("ssh_identity", v)) => ssh_identity = Some(PathBuf::from(v)),
                 Some(("ssh_known_hosts", v)) => ssh_known_hosts = Some(PathBuf::from(v)),
@@ -343,7 +344,6 @@ impl MountConfig {
                 Some((k, _)) if k == "comment" || k.starts_with("x-") => {}
                 None if opt.starts_with("x-") => {}
                 None if opt == "allow_other" || opt == "allow_root" => allow_other = Some(true),
-                None if opt == "noprefetch" => no_prefetch = true,
                 None if opt == "nopassthrough" => passthrough = false,
                 None if opt == "rw" => {
                     return Err("option `rw`: binpkgfs is read-only; use `ro`".into());
@@ -352,6 +352,7 @@ impl MountConfig {
                 _ => return Err(format!("unknown mount option `{opt}`")),
             }
         }
+        let prefetch = prefetch.settle(&a)?;
         let cache_size = a.cache_size.or(cache_size);
         let cache_size = match cache_size {
             Some(s) => parse_size(&s).map_err(|e| format!("cache size {s:?}: {e}"))?,
@@ -390,10 +391,6 @@ impl MountConfig {
             .or(cache_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
         let is_root = unsafe { libc::geteuid() } == 0;
-        let mtimedb = a
-            .mtimedb
-            .or(mtimedb)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MTIMEDB));
         ssh_options.extend(a.ssh_options);
         for o in &ssh_options {
             crate::remote::ssh_option_line(o)?;
@@ -464,31 +461,14 @@ impl MountConfig {
             stall_timeout,
             connect_timeout: Duration::from_secs(10).min(stall_timeout),
             allow_other: allow_other.unwrap_or(is_root),
-            prefetch_mtimedb: (!no_prefetch).then(|| absolute(&mtimedb)).transpose()?,
-            prefetch_updates: (a.prefetch_updates || prefetch_updates == Some(true))
-                .then(|| {
-                    absolute(
-                        &a.updates_root
-                            .or(updates_root)
-                            .unwrap_or_else(|| "/".into()),
-                    )
-                })
-                .transpose()?,
+            mtimedb: prefetch.mtimedb,
+            prefetch_merge_list: prefetch.merge_list,
+            prefetch_updates: prefetch.updates,
             passthrough,
             streams,
             ssh,
             verify,
         })
-    }
-}
-
-/// `-o prefetch=VALUE`: `updates` turns update prefetching on, `none` asks for nothing more
-/// (merge-list prefetching has its own switch, `noprefetch`).
-fn prefetch_mode(v: &str) -> Result<bool, String> {
-    match v.trim() {
-        "updates" => Ok(true),
-        "none" => Ok(false),
-        other => Err(format!("prefetch {other:?}: expected `updates` or `none`")),
     }
 }
 
@@ -643,89 +623,6 @@ pub(crate) mod tests {
             1
         );
         assert!(cfg(&["--log-level", "no[such", "http://h/x", "/mnt"]).is_err());
-    }
-
-    #[test]
-    fn merge_list_prefetch_options() {
-        let c = cfg(&["http://h/x", "/mnt"]).unwrap();
-        assert_eq!(c.prefetch_mtimedb, Some(PathBuf::from(DEFAULT_MTIMEDB)));
-        let c = cfg(&[
-            "-o",
-            "mtimedb=/s/var/cache/edb/mtimedb",
-            "http://h/x",
-            "/mnt",
-        ])
-        .unwrap();
-        assert_eq!(
-            c.prefetch_mtimedb,
-            Some(PathBuf::from("/s/var/cache/edb/mtimedb"))
-        );
-        let c = cfg(&["--mtimedb", "/a", "-o", "mtimedb=/b", "http://h/x", "/mnt"]).unwrap();
-        assert_eq!(c.prefetch_mtimedb, Some(PathBuf::from("/a")));
-        for off in [&["--no-prefetch"][..], &["-o", "ro,noprefetch"]] {
-            let mut args = off.to_vec();
-            args.extend(["http://h/x", "/mnt"]);
-            assert_eq!(cfg(&args).unwrap().prefetch_mtimedb, None, "{off:?}");
-        }
-    }
-
-    #[test]
-    fn update_prefetch_options() {
-        assert_eq!(cfg(&["http://h/x", "/mnt"]).unwrap().prefetch_updates, None);
-        let c = cfg(&["-o", "ro,prefetch=updates", "http://h/x", "/mnt"]).unwrap();
-        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/")));
-        let c = cfg(&["--prefetch-updates", "http://h/x", "/mnt"]).unwrap();
-        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/")));
-        let c = cfg(&[
-            "-o",
-            "prefetch=updates,updates_root=/sandbox",
-            "http://h/x",
-            "/mnt",
-        ])
-        .unwrap();
-        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/sandbox")));
-        // The long option wins over -o, as everywhere.
-        let c = cfg(&[
-            "--prefetch-updates",
-            "--updates-root",
-            "/a",
-            "-o",
-            "updates_root=/b",
-            "http://h/x",
-            "/mnt",
-        ])
-        .unwrap();
-        assert_eq!(c.prefetch_updates, Some(PathBuf::from("/a")));
-        // A root alone turns nothing on; `none` is not an error, and merge-list prefetching
-        // keeps its own switch.
-        let c = cfg(&["-o", "updates_root=/b,prefetch=none", "http://h/x", "/mnt"]).unwrap();
-        assert_eq!(c.prefetch_updates, None);
-        assert!(c.prefetch_mtimedb.is_some());
-        let c = cfg(&["-o", "prefetch=updates,prefetch=none", "http://h/x", "/mnt"]).unwrap();
-        assert_eq!(c.prefetch_updates, None, "the last wins");
-        let c = cfg(&["-o", "noprefetch,prefetch=updates", "http://h/x", "/mnt"]).unwrap();
-        assert_eq!(
-            (c.prefetch_mtimedb, c.prefetch_updates.is_some()),
-            (None, true)
-        );
-        let c = cfg(&[
-            "--updates-root",
-            "rel",
-            "--prefetch-updates",
-            "http://h/x",
-            "/mnt",
-        ])
-        .unwrap();
-        assert!(c.prefetch_updates.unwrap().is_absolute());
-        for bad in [
-            "prefetch=update",
-            "prefetch=",
-            "prefetch=updates+world",
-            "prefetch",
-        ] {
-            let e = cfg(&["-o", bad, "http://h/x", "/mnt"]).unwrap_err();
-            assert!(e.contains("prefetch"), "{bad}: {e}");
-        }
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! reading right now already has its transfer, and nothing crosses the network twice.
 //!
 //! Every change of the list is also handed to `Lifecycle::merge_list`, which keeps the entries
-//! of the running merge served across a binhost release until the list ends (issue 11.3).
+//! of the running merge served across a binhost release until the list ends (issue 11.3), and
+//! tells `prefetch=updates` to yield. With `noprefetch` and `prefetch=updates`, the list is
+//! watched for that alone: no batch.
 //!
 //! Rules:
 //! * the list found at mount time is not acted on: it may be an abandoned merge, and a restart
@@ -146,12 +148,19 @@ pub(super) fn served<'a>(ns: &'a Namespace, path: &str) -> Option<&'a Package> {
     ns.package(node)
 }
 
-/// Watches `mtimedb` for as long as the daemon runs.
-pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fetcher>) {
+/// Watches `mtimedb` for as long as the daemon runs. Without `prefetch` (`noprefetch` with
+/// `prefetch=updates`), only for the hold, which also tells background work that a merge
+/// runs (`Lifecycle::merge_in_progress`): no batch is started.
+pub async fn watch(
+    mtimedb: PathBuf,
+    lifecycle: Arc<Lifecycle>,
+    fetcher: Arc<Fetcher>,
+    prefetch: bool,
+) {
     let mut changes = match super::watcher::spawn(&mtimedb) {
         Ok(rx) => rx,
         Err(e) => {
-            warn!(path = %mtimedb.display(), "merge-list prefetch disabled: cannot watch: {e}");
+            warn!(path = %mtimedb.display(), "merge-list watch disabled: cannot watch: {e}");
             return;
         }
     };
@@ -159,7 +168,12 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
     // The list found now is not acted on (see the module comment), for the hold neither.
     let mut last = read(&mtimedb).await.ok().flatten().map(|m| m.key);
     let mut holding = false;
-    info!(path = %mtimedb.display(), "watching emerge's merge list for prefetching");
+    let why = if prefetch {
+        "for prefetching"
+    } else {
+        "to hold a merge's entries and yield to it (no merge-list prefetch)"
+    };
+    info!(path = %mtimedb.display(), "watching emerge's merge list {why}");
     let mut batch: Option<JoinHandle<()>> = None;
     while changes.changed().await.is_ok() {
         let list = match read(&mtimedb).await {
@@ -187,6 +201,9 @@ pub async fn watch(mtimedb: PathBuf, lifecycle: Arc<Lifecycle>, fetcher: Arc<Fet
         lifecycle.merge_list(Some(&list.all));
         holding = true;
         last = Some(list.key);
+        if !prefetch {
+            continue;
+        }
         let ns = lifecycle.ns.current();
         let packages = resolve(&ns, &list.entries);
         if let Some(old) = batch.take() {
