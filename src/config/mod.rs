@@ -158,7 +158,7 @@ pub struct MountArgs {
     #[arg(long)]
     pub no_prefetch: bool,
     /// After each index refresh that brings newer builds of installed packages, fetch them
-    /// into the cache in the background (at most a quarter of the cache per refresh).
+    /// into the cache in the background (the updates take at most a quarter of the cache).
     #[arg(long)]
     pub prefetch_updates: bool,
     /// The EROOT whose var/db/pkg --prefetch-updates compares with the index [default: /].

@@ -14,9 +14,11 @@
 //!   switched off over a release sees it only at mount. A mount from the saved or an
 //!   unchanged index does nothing: the daemon before it had its chance, and a restart loop must
 //!   not restart work. A first mount (empty cache) counts as new: the budget bounds it;
-//! * a pass fetches at most a quarter of the cache's size (`SHARE`), smallest packages first,
-//!   so it covers as many updates as it can and leaves room for what emerge reads anyway; the
-//!   rest is counted as over budget and fetched when read;
+//! * the updates a pass finds take at most a quarter of the cache's size (`SHARE`): those
+//!   cached already (by an earlier pass, or read) count against it, and the pass fetches the
+//!   others smallest first within what is left, so it covers as many updates as it can and
+//!   leaves room for what emerge reads anyway; the rest is counted as over budget and fetched
+//!   when read;
 //! * one package at a time (`fetch_whole` splits a large one itself): a background job must
 //!   not take the link from a reader;
 //! * while emerge merges packages of this mount (its merge list held, see `lifecycle`), no
@@ -43,7 +45,8 @@ use crate::index::Package;
 use crate::lifecycle::Lifecycle;
 use crate::namespace::Namespace;
 
-/// A pass fetches at most `1 / SHARE` of the cache's size.
+/// The updates a pass finds take at most `1 / SHARE` of the cache's size, cached ones
+/// included.
 pub const SHARE: u64 = 4;
 /// How often a pass paused for a merge looks again.
 const PAUSE_POLL: Duration = Duration::from_secs(1);
@@ -86,6 +89,7 @@ struct Counts {
     found: usize,
     cached: usize,
     over_budget: usize,
+    /// What this pass may fetch: the cap less what the cached updates take already.
     budget: u64,
 }
 
@@ -96,10 +100,14 @@ struct Plan {
     counts: Counts,
 }
 
-/// Of `found`, those not `cached`, smallest first, as many as fit in `budget` bytes.
-fn plan(found: Vec<Package>, cached: impl Fn(&Package) -> bool, budget: u64) -> Plan {
+/// Of `found`, those not `cached`, smallest first, as many as fit beside the cached ones in
+/// `cap` bytes: the cap bounds what the updates hold in the cache, not what one pass adds, so
+/// several releases a day do not churn it. Saturating: SIZE comes from the index.
+fn plan(found: Vec<Package>, cached: impl Fn(&Package) -> bool, cap: u64) -> Plan {
     let total = found.len();
     let (hit, mut todo): (Vec<Package>, Vec<Package>) = found.into_iter().partition(cached);
+    let held = hit.iter().fold(0u64, |n, p| n.saturating_add(p.size));
+    let budget = cap.saturating_sub(held);
     todo.sort_by(|a, b| a.size.cmp(&b.size).then_with(|| a.path.cmp(&b.path)));
     let wanted = todo.len();
     let fetch = within(todo, budget);
@@ -221,7 +229,7 @@ impl Updates {
             info!(
                 left_out = c.over_budget,
                 budget = c.budget,
-                "more updates than a quarter of the cache; the rest is fetched when read"
+                "updates would take more than a quarter of the cache; the rest is fetched when read"
             );
         }
         let state = self.fetch_all(plan.fetch, lifecycle, fetcher, fresh).await;
@@ -392,10 +400,17 @@ mod tests {
             ],
             "smallest first, then by path"
         );
-        // A budget of 45 bytes: two of the 20-byte ones; the rest is over budget.
-        let some = plan(pkgs.clone(), cached, 45);
+        // A cap of 55 bytes, 10 of them held by the cached update: two of the 20-byte ones;
+        // the rest is over budget.
+        let some = plan(pkgs.clone(), cached, 55);
         assert_eq!(sizes(&some).len(), 2);
-        assert_eq!(some.counts.over_budget, 2);
+        assert_eq!((some.counts.over_budget, some.counts.budget), (2, 45));
+        let less = plan(pkgs.clone(), cached, 45);
+        assert_eq!(
+            sizes(&less).len(),
+            1,
+            "the cached update counts against the cap"
+        );
         // Updates larger than the budget are not fetched at all.
         let none = plan(pkgs, |_| false, 9);
         assert!(none.fetch.is_empty());
@@ -407,6 +422,27 @@ mod tests {
                 ..Counts::default()
             }
         );
+    }
+
+    #[test]
+    fn cached_updates_count_against_the_cap_saturating() {
+        let pkgs = index().packages;
+        // Earlier passes cached everything but a/x-lib (30 bytes): 70 bytes held of a 90-byte
+        // cap leave 20, and a/x-lib does not fit.
+        let earlier = |p: &Package| &*p.path != "a/x-lib-3.tbz2";
+        let p = plan(pkgs.clone(), earlier, 90);
+        assert!(p.fetch.is_empty());
+        assert_eq!(
+            (p.counts.cached, p.counts.over_budget, p.counts.budget),
+            (4, 1, 20)
+        );
+        assert_eq!(plan(pkgs.clone(), earlier, 100).fetch.len(), 1);
+        // A hostile SIZE on a cached entry: the budget is 0, nothing overflows.
+        let mut hostile = pkgs;
+        hostile[0].size = u64::MAX - 5;
+        hostile[1].size = u64::MAX - 5;
+        let p = plan(hostile, |p| p.size > 1000, u64::MAX / 2);
+        assert_eq!((p.counts.budget, p.fetch.len()), (0, 0));
     }
 
     #[test]
