@@ -208,7 +208,7 @@ impl Updates {
                 error: None,
             });
         });
-        let Some(plan) = self.plan(&ns, fetcher).await else {
+        let Some(plan) = self.plan(ns, fetcher).await else {
             return;
         };
         let c = plan.counts;
@@ -242,14 +242,25 @@ impl Updates {
 
     /// Reads the installed packages and chooses what to fetch; `None` if the database could
     /// not be read (the pass is recorded as failed).
-    async fn plan(&self, ns: &Namespace, fetcher: &Fetcher) -> Option<Plan> {
+    async fn plan(&self, ns: Arc<Namespace>, fetcher: &Fetcher) -> Option<Plan> {
         let root = self.root.clone();
-        // Reading var/db/pkg is disk I/O: not on the runtime's workers.
-        let read = tokio::task::spawn_blocking(move || installed(&root))
+        let store = fetcher.store().clone();
+        // Reading var/db/pkg is disk I/O, and the updates come from the whole index (its raw
+        // text decoded and split, maps of every package): not on the runtime's workers.
+        let work = tokio::task::spawn_blocking(move || {
+            let installed = installed(&root)?;
+            let plan = plan(
+                updates(&ns, &installed),
+                |p| store.contains(&p.cache_key()),
+                store.usage().limit / SHARE,
+            );
+            Ok((installed.len(), plan))
+        });
+        let read = work
             .await
             .unwrap_or_else(|e| Err(format!("reader failed: {e}")));
-        let installed = match read {
-            Ok(list) => list,
+        let (installed, plan) = match read {
+            Ok(done) => done,
             Err(e) => {
                 warn!("cannot prefetch updates: {e}");
                 self.update_pass(|p| {
@@ -259,16 +270,10 @@ impl Updates {
                 return None;
             }
         };
-        let store = fetcher.store();
-        let plan = plan(
-            updates(ns, &installed),
-            |p| store.contains(&p.cache_key()),
-            store.usage().limit / SHARE,
-        );
         self.update(|r| {
             r.queued = plan.fetch.iter().map(|p| p.path.to_string()).collect();
             if let Some(p) = r.last.as_mut() {
-                p.installed = installed.len();
+                p.installed = installed;
                 p.plan = plan.counts;
                 p.state = "fetching";
             }
