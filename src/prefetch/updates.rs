@@ -299,6 +299,17 @@ impl Updates {
                 debug!("a newer index came; the updates pass starts again");
                 return "superseded by a newer index";
             }
+            // Cached since the plan (read, or the merge-list prefetch): nothing to fetch, and
+            // not counted as fetched. An in-memory lookup, no disk.
+            if fetcher.store().contains(&pkg.cache_key()) {
+                self.update(|r| {
+                    r.queued.retain(|q| *q != *pkg.path);
+                    if let Some(p) = r.last.as_mut() {
+                        p.plan.cached += 1;
+                    }
+                });
+                continue;
+            }
             self.update_pass(|p| p.state = "fetching");
             debug!(path = %pkg.path, "prefetching an update");
             let result = fetcher.fetch_whole(&pkg).await;
