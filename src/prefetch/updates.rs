@@ -29,7 +29,7 @@
 //!   the new tree (what the old one fetched is cached, so it is not fetched again);
 //! * no dependency resolution: a new dependency, a USE change or a slot move is not seen.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -63,8 +63,8 @@ pub struct Updates {
 struct Report {
     passes: u64,
     last: Option<Pass>,
-    /// Paths the running pass has still to fetch, in order.
-    queued: Vec<String>,
+    /// Paths the running pass has still to fetch, in order (it takes them from the front).
+    queued: VecDeque<String>,
 }
 
 /// One pass: what it found and what it cost.
@@ -303,7 +303,7 @@ impl Updates {
             // not counted as fetched. An in-memory lookup, no disk.
             if fetcher.store().contains(&pkg.cache_key()) {
                 self.update(|r| {
-                    r.queued.retain(|q| *q != *pkg.path);
+                    r.queued.pop_front();
                     if let Some(p) = r.last.as_mut() {
                         p.plan.cached += 1;
                     }
@@ -318,7 +318,7 @@ impl Updates {
                 debug!(path = %pkg.path, "update prefetch failed: {e}");
             }
             self.update(|r| {
-                r.queued.retain(|q| *q != *pkg.path);
+                r.queued.pop_front();
                 if let Some(p) = r.last.as_mut() {
                     match result {
                         Ok(()) => {
