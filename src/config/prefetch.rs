@@ -46,6 +46,13 @@ impl PrefetchWords {
         let merge_list = !(a.no_prefetch || self.noprefetch);
         let on = a.prefetch_updates || self.updates == Some(true);
         let root = a.updates_root.clone().or(self.updates_root);
+        if root.is_some() && !on {
+            return Err(
+                "updates_root (--updates-root) is for prefetch=updates (--prefetch-updates), \
+                 which is off"
+                    .into(),
+            );
+        }
         let updates = on
             .then(|| absolute(&root.unwrap_or_else(|| "/".into())))
             .transpose()?;
@@ -162,6 +169,26 @@ mod tests {
         ] {
             let e = cfg(&["-o", bad, "http://h/x", "/mnt"]).unwrap_err();
             assert!(e.contains("prefetch"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_updates_root_without_prefetch_updates_is_an_error() {
+        for args in [
+            &["-o", "updates_root=/b", "http://h/x", "/mnt"][..],
+            &["-o", "updates_root=/b,prefetch=none", "http://h/x", "/mnt"],
+            &["--updates-root", "/b", "http://h/x", "/mnt"],
+            &[
+                "--updates-root",
+                "/b",
+                "-o",
+                "prefetch=updates,prefetch=none",
+                "http://h/x",
+                "/mnt",
+            ],
+        ] {
+            let e = cfg(args).unwrap_err();
+            assert!(e.contains("prefetch=updates"), "{args:?}: {e}");
         }
     }
 }
