@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# emerge-many.sh: one merge of many small packages and a few big ones (issue 15.2), near and far.
+# emerge-many.sh: one merge of many small packages and a few big ones (issue 15.3), near and far.
 #
 # emerge-shaped.sh with SET=many: 100 packages of 50 KiB to 2 MiB (deterministic log-uniform sizes,
 # incompressible), 3 of 30 MiB and one meta package, installed over a 200 Mbit/s link (tbf) at

@@ -213,11 +213,11 @@ print_table() {
         echo "physical limit: $TOTAL_MIB MiB / that rate + local $m_local s / $NPKGS packages" \
             "(or local, if larger) = $limit s"
         if [[ $m_cold != - && $SET == blobs ]]; then
-            echo "cold: $(ratio "$m_cold" "$limit") the limit (issue 15.1 target at 50 and 150 ms:" \
+            echo "cold: $(ratio "$m_cold" "$limit") the limit (issue 15.2 target at 50 and 150 ms:" \
                 "<= 1.03x), $(ratio "$m_cold" "$m_portage") portage (target <= 0.95x)," \
                 "$(ratio "$m_cold" "$m_local") local"
         elif [[ $m_cold != - ]]; then
-            echo "cold: $(ratio "$m_cold" "$m_local") local (issue 15.2 target at 150 ms: <= 1.03x)," \
+            echo "cold: $(ratio "$m_cold" "$m_local") local (issue 15.3 target at 150 ms: <= 1.03x)," \
                 "$(ratio "$m_cold" "$limit") the limit, $(ratio "$m_cold" "$m_portage") portage"
         fi
     fi

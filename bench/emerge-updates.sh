@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# emerge-updates.sh: a binhost release, then `emerge -uD @world` (issue 15.5: updates ready
+# emerge-updates.sh: a binhost release, then `emerge -uD @world` (issue 15.4: updates ready
 # before emerge asks), over a slow link far away: 30 Mbit/s (tbf), 50 ms RTT (delay-proxy.py).
 #
 # Built once with real Portage and cached under $BENCH_DIR/sets: app-misc/upd-blob01..10 at
@@ -293,7 +293,7 @@ for c in prefetch byhand; do
     [[ -n ${PASS[$c]:-} ]] && echo "${LABEL[$c]}: the daemon's own updates pass took median" \
         "$(median "${PASS[$c]}") s ($(spread "${PASS[$c]}")) (binpkgfs status: updates_prefetch.last.seconds)"
     echo "${LABEL[$c]} vs local: $(ratio "$(median "${SECS[$c]}")" "$m_local")" \
-        "(issue 15.5 target for (c): <= 1.03x)"
+        "(issue 15.4 target for (c): <= 1.03x)"
 done
 echo "transfer floor of the updates at $RATE:" \
     "$(awk -v b="$UPD_BYTES" -v r="$(rate_bits "$RATE")" 'BEGIN { printf "%.1f", b * 8 / r }') s"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Sequential reads of one large package, binpkgfs beside its baselines (issue 5, issue 15.3):
+# Sequential reads of one large package, binpkgfs beside its baselines (issue 5, issue 15.1):
 #   cold: `cat` through a fresh mount with an empty cache   vs  `curl -o /dev/null` of the URL
 #   warm: `cat` through a fresh mount, package cached         vs  `cat` of a local copy
 # from a real nginx, over loopback or (RATE=) a shaped link. Prints the median of REPS runs
 # with the spread, and the ratios.
 #
 #   bench/read-256.sh            # SIZE_MIB=256 REPS=3, loopback
-#   RATE=1gbit bench/read-256.sh # nginx in a network namespace, veth shaped with tbf (issue 15.3)
+#   RATE=1gbit bench/read-256.sh # nginx in a network namespace, veth shaped with tbf (issue 15.1)
 #   LIMIT_RATE=25m SIZE_MIB=64 bench/read-256.sh   # nginx caps each connection at 25 MB/s
 #
 # The cold read is timed twice: with the default parallel ranged parts, and with
@@ -83,7 +83,7 @@ p=$(median "${client_t[@]}") a=$(median "${all_t[@]}")
 c=$(median "${curl_t[@]}") k=$(median "${cold_t[@]}") o=$(median "${one_t[@]}") w=$(median "${warm_t[@]}") l=$(median "${local_t[@]}")
 mib=$size_mib
 target=0.9
-[[ -n $RATE ]] && target=0.95 # issue 15.3: on a shaped 1 Gbit/s link
+[[ -n $RATE ]] && target=0.95 # issue 15.1: on a shaped 1 Gbit/s link
 printf '\nbinpkgfs sequential read of a %s MiB package, nginx over %s%s, median of %s, %s CPUs\n' \
 	"$mib" "$(link_name)" "${LIMIT_RATE:+ (limit_rate $LIMIT_RATE per connection)}" "$reps" "$(nproc)"
 printf '%-34s %9s %10s   %-28s %9s %10s   %s\n' case s MiB/s baseline s MiB/s ratio
