@@ -292,12 +292,7 @@ fn merged_tree_has_both_binhosts_packages_with_exact_bytes_and_priority_decides_
             0,
             "a moved PATH is never asked of a binhost"
         );
-        let status = Command::new(support::binpkgfs_bin())
-            .args(["status", "--json"])
-            .arg(mount.path())
-            .output()
-            .unwrap();
-        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let status = mount.status_json();
         let names: Vec<&str> = status["binhosts"]
             .as_array()
             .unwrap()

@@ -448,22 +448,12 @@ fn publish_new_build(binhost: &Path, cpv: &str) -> IndexEntry {
 }
 
 /// `binpkgfs status --json` of the mount, parsed.
-fn status(served: &Served) -> serde_json::Value {
-    let out = Command::new(binpkgfs_bin())
-        .args(["status", "--json"])
-        .arg(served.mount.path())
-        .output()
-        .expect("run binpkgfs status");
-    assert!(out.status.success(), "status: {}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status is JSON")
-}
-
 /// Waits (failing the test after a deadline) until the last updates pass is over for the
 /// index whose TIMESTAMP is `timestamp` (any index if `None`), and returns that status.
 fn updates_pass_done(served: &Served, timestamp: Option<u64>) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     let done = wait_until(Duration::from_secs(60), || {
-        last = status(served);
+        last = served.mount.status_json();
         let pass = &last["updates_prefetch"]["last"];
         pass["state"] == "done"
             && timestamp.is_none_or(|t| pass["index_timestamp"] == t)
@@ -537,9 +527,9 @@ both_modes! {
         );
         assert_eq!(s["updates_prefetch"]["queued"], serde_json::json!([]), "{s:#}");
         let committed = wait_until(Duration::from_secs(10), || {
-            status(&served)["cache"]["entries"] == 1
+            served.mount.status_json()["cache"]["entries"] == 1
         });
-        assert!(committed, "the update is not in the cache: {:#}", status(&served));
+        assert!(committed, "the update is not in the cache: {:#}", served.mount.status_json());
         served.settle(&[&new]);
         let fetches = served.fetches_of(&new);
         assert!(fetched_once_whole(&fetches, &new), "{fetches:#?}");
@@ -630,7 +620,7 @@ both_modes! {
             })
         });
         assert!(decided, "no decision logged:\n{}", served.daemon_log());
-        let s = status(&served);
+        let s = served.mount.status_json();
         assert_eq!(s["updates_prefetch"]["passes"], 0, "{s:#}");
         assert_eq!(s["index"]["last_check_result"], "not modified", "{s:#}");
 
@@ -682,7 +672,7 @@ fn an_updates_pass_waits_for_a_running_merge(mode: support::Mode, merge_list_pre
     let timestamp = timestamp_of(served.binhost());
     let mut s = serde_json::Value::Null;
     let paused = wait_until(Duration::from_secs(30), || {
-        s = status(&served);
+        s = served.mount.status_json();
         let pass = &s["updates_prefetch"]["last"];
         pass["index_timestamp"] == timestamp && pass["state"] == "paused: a merge is running"
     });
@@ -754,7 +744,7 @@ both_modes! {
             })
         });
         assert!(decided, "no pass-less decision logged:\n{}", served.daemon_log());
-        let s = status(&served);
+        let s = served.mount.status_json();
         assert_eq!(s["updates_prefetch"]["passes"], 0, "{s:#}");
         assert_eq!(s["index"]["last_check_result"], "not modified (same bytes)", "{s:#}");
     }

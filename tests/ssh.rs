@@ -45,15 +45,6 @@ fn mount(mode: Mode, sshd: &Sshd, root: &Path, cache: &Path, extra: &[&str]) -> 
     })
 }
 
-fn status(mount: &Mount) -> serde_json::Value {
-    let out = support::run_ok(
-        Command::new(support::binpkgfs_bin())
-            .args(["status", "--json"])
-            .arg(mount.path()),
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json")
-}
-
 fn read_all_packages(mount: &Path, binhost: &Path) {
     for p in fixture_packages() {
         let got = fs::read(mount.join(&p["PATH"])).unwrap();
@@ -119,7 +110,7 @@ both_modes! {
         let cache = TempDir::new().unwrap();
         let m = mount(mode, &sshd, binhost.path(), cache.path(), &[]);
         read_all_packages(m.path(), binhost.path());
-        let st = status(&m);
+        let st = m.status_json();
         assert_eq!(st["transport"], "ssh", "{st}");
         assert!(st["bytes_fetched"].as_u64().unwrap() > 0);
     }
@@ -156,11 +147,11 @@ both_modes! {
         let mut sandbox = PortageSandbox::new(m.path());
         sandbox.add_feature("-pkgdir-index-trusted");
         sandbox.emerge_ok(&["-p", "--usepkgonly", "app-misc/demo-big"]);
-        let scan = status(&m)["bytes_fetched"].as_u64().unwrap();
+        let scan = m.status_json()["bytes_fetched"].as_u64().unwrap();
         eprintln!("ssh reindex scan: {scan} of {n} bytes ({:.2}%)", scan as f64 * 100.0 / n as f64);
         assert!(scan > 0 && scan * 20 <= n, "scan fetched {scan} of {n} bytes (more than 5%)");
         sandbox.emerge_ok(&["--oneshot", "--usepkgonly", "app-misc/demo-big"]);
-        let total = status(&m)["bytes_fetched"].as_u64().unwrap();
+        let total = m.status_json()["bytes_fetched"].as_u64().unwrap();
         assert!(total <= n + n / 10, "install fetched {total} bytes of {n}");
     }
 
@@ -225,7 +216,7 @@ both_modes! {
         let text = fs::read_to_string(&log).unwrap();
         assert!(text.contains("transfer interrupted"), "the kill did not land mid-transfer:\n{text}");
         assert!(text.matches("ssh connected").count() >= 2, "no reconnect:\n{text}");
-        let fetched = status(&m)["bytes_fetched"].as_u64().unwrap();
+        let fetched = m.status_json()["bytes_fetched"].as_u64().unwrap();
         assert!(fetched < want.len() as u64 + (want.len() as u64) / 8, "resumed, not restarted: {fetched}");
     }
 
@@ -297,7 +288,7 @@ both_modes! {
         let binhost = fixture_copy();
         let cache = TempDir::new().unwrap();
         let m = mount(mode, &sshd, binhost.path(), cache.path(), &["--index-ttl", "1"]);
-        let last = |m: &Mount| status(m)["index"]["last_check_result"].as_str().unwrap_or("").to_string();
+        let last = |m: &Mount| m.status_json()["index"]["last_check_result"].as_str().unwrap_or("").to_string();
         assert!(
             wait_until(Duration::from_secs(20), || last(&m) == "not modified"),
             "never 'not modified': {}",
@@ -308,9 +299,9 @@ both_modes! {
         let old: u64 = support::parse_packages(&text).0["TIMESTAMP"].parse().unwrap();
         fs::write(&index, text.replace(&format!("TIMESTAMP: {old}"), &format!("TIMESTAMP: {}", old + 1))).unwrap();
         assert!(
-            wait_until(Duration::from_secs(20), || status(&m)["index"]["timestamp"].as_u64() == Some(old + 1)),
+            wait_until(Duration::from_secs(20), || m.status_json()["index"]["timestamp"].as_u64() == Some(old + 1)),
             "the republished index was not picked up: {}",
-            status(&m)
+            m.status_json()
         );
         read_all_packages(m.path(), binhost.path());
     }

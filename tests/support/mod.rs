@@ -1172,6 +1172,16 @@ impl Mount {
         self.pid.expect("a ready mount has a pid")
     }
 
+    /// `binpkgfs status --json` of this mount, parsed; fails the test if the command fails.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = run_ok(
+            Command::new(binpkgfs_bin())
+                .args(["status", "--json"])
+                .arg(self.path()),
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
     /// `umount MNT`, then waits until the daemon has exited. A mount still "busy" just after
     /// the test closed its last file (the kernel drops the last reference of a closed file
     /// asynchronously, more so on a loaded machine) is tried again for a few seconds; busy
