@@ -1,10 +1,11 @@
 //! The binhosts of a mount, from the command line (as `PORTAGE_BINHOST`) and Portage's
 //! `binrepos.conf`, in Portage's order; and the refusal of `verify-signature` that binpkgfs
-//! cannot honour by itself.
+//! cannot honour by itself; and where their credentials leave their URLs.
 
 use std::path::{Path, PathBuf};
 
 use super::absolute;
+use crate::credentials::{BinhostUrl, Credentials};
 
 /// The binhosts of a mount: command-line URLs (as PORTAGE_BINHOST) and binrepos.conf
 /// sections, in Portage's order. Returns the source to show, the binhosts, and whether their
@@ -68,6 +69,34 @@ pub(super) fn binhosts(
         repos[0].mirrors[0].clone()
     };
     Ok((url, repos, merge))
+}
+
+/// Takes the credentials out of every binhost's name and mirror URLs (userinfo, or the
+/// `netrc` entry of an http(s) host), leaving only their shown form. The first binhost must
+/// find its netrc entry; the others may have none.
+pub(super) fn take_credentials(
+    binhosts: &mut [crate::binrepos::BinRepo],
+    netrc: Option<PathBuf>,
+) -> Result<Vec<Credentials>, String> {
+    let mut credentials = Vec::new();
+    for (i, b) in binhosts.iter_mut().enumerate() {
+        // A command-line binhost is named by its URL: shown, so never with userinfo.
+        b.name = BinhostUrl::parse(&b.name).as_str().to_string();
+        for (j, m) in b.mirrors.iter_mut().enumerate() {
+            let mut parsed = BinhostUrl::parse(m);
+            let http = m.starts_with("http://") || m.starts_with("https://");
+            if let (Some(n), true) = (&netrc, http) {
+                match parsed.clone().with_netrc(n) {
+                    Ok(p) => parsed = p,
+                    Err(e) if i == 0 && j == 0 => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            credentials.extend(parsed.credentials().cloned());
+            *m = parsed.as_str().to_string();
+        }
+    }
+    Ok(credentials)
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use crate::remote::SshOptions;
 
 mod binhosts;
 mod prefetch;
-use binhosts::binhosts;
+mod ssh;
+use binhosts::{binhosts, take_credentials};
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/binpkgfs";
 pub const DEFAULT_MOUNTPOINT: &str = "/var/cache/binpkgs";
@@ -303,17 +304,13 @@ impl MountConfig {
         let mut ca_file = None;
         let mut prefetch = prefetch::PrefetchWords::default();
         let mut passthrough = !a.no_passthrough;
-        let mut ssh_identity = None;
-        let mut ssh_known_hosts = None;
-        let mut ssh_config = None;
-        let mut ssh_options = Vec::new();
-        let mut ssh_accept_new = a.ssh_accept_new;
+        let mut ssh = ssh::SshWords::default();
         let mut binrepos = a.binrepos.clone();
         let mut extra_binhosts = Vec::new();
         let mut request_signature = a.request_signature;
         let mut proxy = None;
         for opt in a.options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
-            if prefetch.take(opt)? {
+            if prefetch.take(opt)? || ssh.take(opt) {
                 continue;
             }
             match opt.split_once('=') {
@@ -325,11 +322,6 @@ impl MountConfig {
                 Some(("pid_file", v)) => pid_file = Some(PathBuf::from(v)),
                 Some(("stall_timeout", v)) => stall = Some(v.to_string()),
                 Some(("streams", v)) => streams = Some(v.to_string()),
-                Some(("ssh_identity", v)) => ssh_identity = Some(PathBuf::from(v)),
-                Some(("ssh_known_hosts", v)) => ssh_known_hosts = Some(PathBuf::from(v)),
-                Some(("ssh_config", v)) => ssh_config = Some(PathBuf::from(v)),
-                Some(("ssh_option", v)) => ssh_options.push(v.to_string()),
-                None if opt == "ssh_accept_new" => ssh_accept_new = true,
                 Some(("binrepos", v)) => binrepos = Some(PathBuf::from(v)),
                 Some(("binhost", v)) => extra_binhosts.push(v.to_string()),
                 Some(("proxy", v)) => proxy = Some(v.to_string()),
@@ -353,6 +345,9 @@ impl MountConfig {
             }
         }
         let prefetch = prefetch.settle(&a)?;
+        let (mountpoint, urls) = a.args.split_last().expect("clap requires one");
+        let mountpoint = absolute(Path::new(mountpoint))?;
+        let ssh = ssh.settle(&a, &mountpoint)?;
         let cache_size = a.cache_size.or(cache_size);
         let cache_size = match cache_size {
             Some(s) => parse_size(&s).map_err(|e| format!("cache size {s:?}: {e}"))?,
@@ -391,44 +386,10 @@ impl MountConfig {
             .or(cache_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
         let is_root = unsafe { libc::geteuid() } == 0;
-        ssh_options.extend(a.ssh_options);
-        for o in &ssh_options {
-            crate::remote::ssh_option_line(o)?;
-        }
-        let (mountpoint, urls) = a.args.split_last().expect("clap requires one");
-        let mountpoint = absolute(Path::new(mountpoint))?;
-        let opt_path = |p: Option<PathBuf>| p.map(|p| absolute(&p)).transpose();
-        let ssh = SshOptions {
-            identity: opt_path(a.ssh_identity.or(ssh_identity))?,
-            known_hosts: opt_path(a.ssh_known_hosts.or(ssh_known_hosts))?,
-            config: opt_path(a.ssh_config.or(ssh_config))?,
-            options: ssh_options,
-            accept_new: ssh_accept_new,
-            control_dir: ssh_control_dir(&mountpoint),
-        };
         let (url, mut binhosts, merge) =
             binhosts(urls, extra_binhosts, binrepos.as_deref(), request_signature)?;
         // Credentials leave the URLs here: from now on only the shown form exists.
-        let netrc = a.netrc_file.or(netrc_file);
-        let mut credentials = Vec::new();
-        for (i, b) in binhosts.iter_mut().enumerate() {
-            // A command-line binhost is named by its URL: shown, so never with userinfo.
-            b.name = BinhostUrl::parse(&b.name).as_str().to_string();
-            for (j, m) in b.mirrors.iter_mut().enumerate() {
-                let mut parsed = BinhostUrl::parse(m);
-                let http = m.starts_with("http://") || m.starts_with("https://");
-                if let (Some(n), true) = (&netrc, http) {
-                    match parsed.clone().with_netrc(n) {
-                        Ok(p) => parsed = p,
-                        // The first binhost must find its entry; others may have none.
-                        Err(e) if i == 0 && j == 0 => return Err(e),
-                        Err(_) => {}
-                    }
-                }
-                credentials.extend(parsed.credentials().cloned());
-                *m = parsed.as_str().to_string();
-            }
-        }
+        let credentials = take_credentials(&mut binhosts, a.netrc_file.or(netrc_file))?;
         let url = match url.as_str() {
             "binrepos" => url,
             u => BinhostUrl::parse(u).as_str().to_string(),
@@ -470,14 +431,6 @@ impl MountConfig {
             verify,
         })
     }
-}
-
-/// One control directory per mount point, so a restart of the same mount finds (and ends)
-/// the masters a killed daemon left, and mounts never share one.
-fn ssh_control_dir(mountpoint: &Path) -> PathBuf {
-    use sha1::Digest;
-    let h = sha1::Sha1::digest(mountpoint.as_os_str().as_encoded_bytes());
-    Path::new(crate::remote::SSH_CONTROL_ROOT).join(format!("ssh-{}", &hex::encode(h)[..16]))
 }
 
 /// The daemon detaches and changes directory, so every path is made absolute first.
