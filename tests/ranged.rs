@@ -9,33 +9,12 @@ mod support;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::{Mount, Nginx, PortageSandbox, both_modes};
 use tempfile::TempDir;
 
 const BIG: &str = "app-misc/demo-big/demo-big-1.0-1.gpkg.tar";
-
-/// Builds the big package once per test binary.
-fn big_binhost() -> PathBuf {
-    static DIR: OnceLock<TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        support::require_real_parts();
-        let dir = TempDir::with_prefix("binpkgfs-big.").unwrap();
-        support::run_ok(
-            Command::new("bash")
-                .arg(support::crate_root().join("tests/fixtures/make-binhost.sh"))
-                .arg(dir.path())
-                .arg("app-misc/demo-big"),
-        );
-        dir
-    })
-    .path()
-    .to_path_buf()
-}
 
 /// Body bytes nginx sent for `uri`, once every answer the daemon received is in the log.
 fn bytes_sent_for(nginx: &Nginx, uri: &str) -> u64 {
@@ -70,7 +49,7 @@ fn small_range(line: &support::LogLine) -> Option<(u64, u64)> {
 
 both_modes! {
     fn scattered_reads_fetch_ranges_and_return_the_files_bytes(mode) {
-        let binhost = big_binhost();
+        let binhost = support::big_binhost();
         let nginx = Nginx::start(&binhost);
         let cache = TempDir::new().unwrap();
         let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();
@@ -114,7 +93,7 @@ both_modes! {
         // scan reads there), perhaps the next block in a second, and a read past 512 KiB starts
         // the whole transfer: not one round trip per kernel read until 1 MiB is there (9
         // requests before).
-        let binhost = big_binhost();
+        let binhost = support::big_binhost();
         let nginx = Nginx::start(&binhost);
         let cache = TempDir::new().unwrap();
         let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();
@@ -154,7 +133,7 @@ both_modes! {
 
 both_modes! {
     fn reindex_scan_fetches_a_few_percent_and_install_fetches_about_once(mode) {
-        let binhost = big_binhost();
+        let binhost = support::big_binhost();
         let nginx = Nginx::start(&binhost);
         let cache = TempDir::new().unwrap();
         let mount = Mount::new(mode, &nginx.url(), cache.path(), &[]).unwrap();

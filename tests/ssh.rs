@@ -7,9 +7,8 @@ mod support;
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use support::{
@@ -140,7 +139,7 @@ both_modes! {
     fn metadata_scan_over_ssh_fetches_a_few_percent(mode) {
         const BIG: &str = "app-misc/demo-big/demo-big-1.0-1.gpkg.tar";
         let sshd = Sshd::start();
-        let binhost = big_binhost();
+        let binhost = support::big_binhost();
         let cache = TempDir::new().unwrap();
         let m = mount(mode, &sshd, &binhost, cache.path(), &[]);
         let n = fs::metadata(binhost.join(BIG)).unwrap().len();
@@ -357,22 +356,4 @@ fn daemon_running_for(cache: &Path) -> bool {
                 c.contains("binpkgfs") && c.contains(&needle)
             }) && support::process_alive(pid)
         })
-}
-
-/// The fixture's `app-misc/demo-big` (8 MiB), built by real Portage once per test binary.
-fn big_binhost() -> PathBuf {
-    static DIR: OnceLock<TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        support::require_real_parts();
-        let dir = TempDir::with_prefix("binpkgfs-sshbig-portage.").unwrap();
-        support::run_ok(
-            Command::new("bash")
-                .arg(support::crate_root().join("tests/fixtures/make-binhost.sh"))
-                .arg(dir.path())
-                .arg("app-misc/demo-big"),
-        );
-        dir
-    })
-    .path()
-    .to_path_buf()
 }

@@ -81,6 +81,25 @@ pub fn which(name: &str) -> Option<PathBuf> {
 
 /// Panics, naming every missing piece, unless nginx, FUSE, Portage and the
 /// tools Portage needs are all present. Real parts are never skipped.
+/// The fixture's `app-misc/demo-big` (an 8 MiB package kept out of the committed fixture),
+/// built by real Portage once per test binary; the binhost directory holding it.
+pub fn big_binhost() -> PathBuf {
+    static DIR: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        require_real_parts();
+        let dir = TempDir::with_prefix("binpkgfs-big.").unwrap();
+        run_ok(
+            Command::new("bash")
+                .arg(crate_root().join("tests/fixtures/make-binhost.sh"))
+                .arg(dir.path())
+                .arg("app-misc/demo-big"),
+        );
+        dir
+    })
+    .path()
+    .to_path_buf()
+}
+
 pub fn require_real_parts() {
     let mut missing = Vec::new();
     if !Path::new(NGINX).is_file() {
